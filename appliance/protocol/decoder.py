@@ -1,0 +1,179 @@
+"""Incremental MIP/1 frame decoder (PROTOCOL.md §2, §5).
+
+Bytes go in with `feed`; complete frames and per-frame rejections come out.
+The decoder checks a header (magic and version, flags, length, then whether
+the type is admitted) before it waits for the payload, so a refused payload is
+skipped as it arrives and never buffered. Between calls it keeps at most one
+incomplete frame: header + max_payload + CRC + MAC bytes.
+
+`feed` returns a list of tuples whose first item tells the kind:
+
+- a frame type (> 0): `(type, channel, seq, ts_ns, payload)` — CRC (and MAC,
+  when the session uses one) verified;
+- `REJECT`: `(REJECT, code, seq)` — the frame is dropped, the stream stays in
+  sync, the peer gets NACK `code`;
+- `FATAL`: `(FATAL, code, message)` — always the last item; the decoder
+  discards everything from then on.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from hmac import compare_digest
+
+from appliance.protocol.crypto import MacFn
+from appliance.protocol.frames import (
+    CRC_SIZE,
+    DEFAULT_MAX_PAYLOAD,
+    FLAG_MAC,
+    HEADER,
+    HEADER_SIZE,
+    KNOWN_FLAGS,
+    MAC_SIZE,
+    MAGIC,
+    VERSION,
+    ErrorCode,
+)
+
+REJECT = -1
+FATAL = -2
+
+_CRC = struct.Struct(">I")
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames. Its attributes are the admission policy.
+
+    allowed:       frame types admitted in the current state (None: every type)
+    refuse_code:   what an unadmitted type gets
+    refuse_fatal:  whether that ends the stream (ERROR) or drops one frame (NACK)
+    mac_fn:        the session MAC, or None; frames must carry FLAG_MAC exactly when set
+    mac_fatal:     a MAC flag where none is expected ends the stream (before WELCOME)
+    stop_types:    after one of these the decoder holds further bytes until `resume`
+    """
+
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+        self.max_payload = max_payload
+        self.allowed: frozenset[int] | None = None  # None admits every type
+        self.refuse_code = ErrorCode.BAD_TYPE
+        self.refuse_fatal = False
+        self.mac_fn: MacFn | None = None
+        self.mac_fatal = False
+        self.stop_types: frozenset[int] = frozenset()
+        self._buf = bytearray()
+        self._skip = 0
+        self._held = False
+        self._dead = False
+
+    def buffered(self) -> int:
+        """Bytes held between calls (an incomplete frame, or bytes held while stopped)."""
+        return len(self._buf)
+
+    @property
+    def stopped(self) -> bool:
+        return self._held
+
+    def close(self) -> None:
+        """Discard everything from now on."""
+        self._dead = True
+        self._buf = bytearray()
+
+    def resume(self) -> list[tuple]:
+        """Continue after a stop type, decoding the bytes held meanwhile."""
+        self._held = False
+        return self.feed(b"")
+
+    def feed(self, data: bytes) -> list[tuple]:
+        out: list[tuple] = []
+        if self._dead:
+            return out
+        if self._skip:
+            n = min(self._skip, len(data))
+            self._skip -= n
+            data = data[n:]
+        buf = self._buf
+        if buf:
+            buf += data
+            src = buf
+        else:
+            src = data
+        if self._held:
+            if src is data:
+                buf += data
+            return out
+
+        end = len(src)
+        pos = 0
+        max_payload = self.max_payload
+        allowed = self.allowed
+        mac_fn = self.mac_fn
+        stop_types = self.stop_types
+        unpack_header = HEADER.unpack_from
+        unpack_crc = _CRC.unpack_from
+        crc32 = zlib.crc32
+        with memoryview(src) as mv:
+            while end - pos >= HEADER_SIZE:
+                magic, version, ftype, flags, channel, length, _, seq, ts_ns = unpack_header(
+                    src, pos
+                )
+                if magic != MAGIC or version != VERSION:
+                    return self._fatal(out, ErrorCode.BAD_MAGIC, "bad magic or version")
+                if flags & ~KNOWN_FLAGS:
+                    return self._fatal(out, ErrorCode.BAD_FLAGS, f"unknown flags {flags:#06x}")
+                if length > max_payload:
+                    return self._fatal(
+                        out, ErrorCode.TOO_LARGE, f"length {length} > max_payload {max_payload}"
+                    )
+                has_mac = flags & FLAG_MAC
+                size = HEADER_SIZE + length + CRC_SIZE + (MAC_SIZE if has_mac else 0)
+                if allowed is not None and ftype not in allowed:
+                    if self.refuse_fatal:
+                        return self._fatal(
+                            out, self.refuse_code, f"frame type {ftype:#04x} not allowed now"
+                        )
+                    out.append((REJECT, self.refuse_code, seq))
+                    if end - pos < size:
+                        self._skip = size - (end - pos)
+                        pos = end
+                        break
+                    pos += size
+                    continue
+                if has_mac and self.mac_fatal:
+                    return self._fatal(out, self.refuse_code, "a MAC trailer before WELCOME")
+                if end - pos < size:
+                    break
+                body_end = pos + HEADER_SIZE + length
+                if crc32(mv[pos:body_end]) != unpack_crc(src, body_end)[0]:
+                    out.append((REJECT, ErrorCode.BAD_CRC, seq))
+                    pos += size
+                    continue
+                if mac_fn is not None:
+                    if not has_mac or not compare_digest(
+                        mac_fn(mv[pos : body_end + CRC_SIZE]), mv[body_end + CRC_SIZE : pos + size]
+                    ):
+                        out.append((REJECT, ErrorCode.BAD_MAC, seq))
+                        pos += size
+                        continue
+                elif has_mac:
+                    out.append((REJECT, ErrorCode.BAD_MAC, seq))
+                    pos += size
+                    continue
+                out.append((ftype, channel, seq, ts_ns, bytes(mv[pos + HEADER_SIZE : body_end])))
+                pos += size
+                if ftype in stop_types:
+                    self._held = True
+                    break
+        if pos == 0:
+            if src is data and data:
+                self._buf = bytearray(data)
+        elif pos >= end:
+            self._buf = bytearray()
+        else:
+            self._buf = bytearray(src[pos:])
+        return out
+
+    def _fatal(self, out: list[tuple], code: str, message: str) -> list[tuple]:
+        out.append((FATAL, code, message))
+        self.close()
+        return out

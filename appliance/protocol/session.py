@@ -1,0 +1,210 @@
+"""The server side of a MIP/1 connection as a state machine (PROTOCOL.md §3–§7).
+
+No sockets, no clock, no randomness: the caller passes the nonce in, feeds
+received bytes to `receive_data`, acts on the events it returns, and sends
+whatever `data_to_send` hands back. Identity lookup and the proof check belong
+to the caller (auth/); it answers a `Hello` with `accept` or `fail`.
+
+Events (tuples, first item the kind):
+    (DATA, channel, seq, ts_ns, payload)   a verified DATA frame
+    (HELLO, hello)                         a well-formed HELLO; decoding waits for accept/fail
+    (BYE,)                                 the client said BYE; nothing more is decoded
+    (CLOSED, code, message)                the session ended with ERROR `code` (already queued)
+
+PING is answered with PONG here, unsolicited PONGs are dropped, and bad frames
+get their NACK here; the caller only sees that the peer was active
+(`frames_seen` grows with every valid client frame).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from enum import Enum
+
+from appliance.protocol import crypto
+from appliance.protocol.decoder import FATAL, REJECT, FrameDecoder
+from appliance.protocol.frames import (
+    DEFAULT_MAX_PAYLOAD,
+    ErrorCode,
+    FrameType,
+    encode_ack,
+    encode_error,
+    encode_frame,
+    encode_json,
+    encode_nack,
+)
+
+DATA = FrameType.DATA.value
+HELLO = FrameType.HELLO.value
+BYE = FrameType.BYE.value
+CLOSED = 0
+
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_HELLO_KEYS = {"id": str, "nonce": str, "fingerprint": str, "mac": str, "proof": str}
+
+_BEFORE_WELCOME = frozenset({FrameType.HELLO, FrameType.PING})
+_AFTER_WELCOME = frozenset({FrameType.DATA, FrameType.PING, FrameType.PONG, FrameType.BYE})
+
+_NACK_MESSAGES = {
+    ErrorCode.BAD_CRC: "CRC mismatch",
+    ErrorCode.BAD_MAC: "MAC missing or wrong",
+    ErrorCode.BAD_TYPE: "frame type not accepted from a client",
+}
+
+
+class State(Enum):
+    AWAIT_HELLO = "await-hello"
+    AUTHENTICATING = "authenticating"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+def parse_hello(payload: bytes) -> dict | None:
+    """The HELLO object if it is well formed (PROTOCOL.md §4 step 3), else None."""
+    try:
+        hello = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(hello, dict):
+        return None
+    for key, kind in _HELLO_KEYS.items():
+        if not isinstance(hello.get(key), kind):
+            return None
+    if not _HEX32.fullmatch(hello["nonce"]) or not _HEX64.fullmatch(hello["proof"]):
+        return None
+    if hello["mac"] not in crypto.MAC_ALGORITHMS:
+        return None
+    hello["proof"] = hello["proof"].lower()
+    return hello
+
+
+class ServerSession:
+    def __init__(
+        self,
+        nonce: str,
+        *,
+        server_name: str = "module-ingest",
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        idle_timeout: int = 60,
+    ) -> None:
+        self.nonce = nonce
+        self.state = State.AWAIT_HELLO
+        self.identity: str | None = None
+        self.mac_algorithm: str | None = None
+        self.frames_seen = 0
+        self.close_code: str | None = None
+        self._hello: dict | None = None
+        self._out = bytearray()
+        dec = self._decoder = FrameDecoder(max_payload)
+        dec.allowed = _BEFORE_WELCOME
+        dec.refuse_code = ErrorCode.UNAUTHENTICATED
+        dec.refuse_fatal = True
+        dec.mac_fatal = True
+        dec.stop_types = frozenset({FrameType.HELLO, FrameType.BYE})
+        self._out += encode_json(
+            FrameType.CHALLENGE,
+            {
+                "server": server_name,
+                "nonce": nonce,
+                "version": 1,
+                "max_payload": max_payload,
+                "idle_timeout": idle_timeout,
+            },
+        )
+
+    # -- input -------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[tuple]:
+        if self.state is State.CLOSED:
+            return []
+        return self._events(self._decoder.feed(data))
+
+    def buffered(self) -> int:
+        return self._decoder.buffered()
+
+    def _events(self, frames: list[tuple]) -> list[tuple]:
+        events: list[tuple] = []
+        out = self._out
+        valid = len(frames)
+        for item in frames:
+            kind = item[0]
+            if kind == DATA:
+                events.append(item)
+                continue
+            valid -= 1
+            if kind == REJECT:
+                _, code, seq = item
+                out += encode_nack(seq, code, _NACK_MESSAGES[code])
+                continue
+            if kind == FATAL:
+                events.append(self._close(item[1], item[2], send=True))
+                break
+            valid += 1
+            if kind == FrameType.PING:
+                out += encode_frame(FrameType.PONG, item[2])
+            elif kind == HELLO:
+                hello = parse_hello(item[4])
+                if hello is None:
+                    events.append(self.fail(ErrorCode.AUTH_FAILED, "authentication failed"))
+                    break
+                self._hello = hello
+                self.state = State.AUTHENTICATING
+                events.append((HELLO, hello))
+            elif kind == BYE:
+                self.state = State.CLOSED
+                self._decoder.close()
+                events.append((BYE,))
+            # an unsolicited PONG is ignored
+        self.frames_seen += valid
+        return events
+
+    # -- decisions from the caller ----------------------------------------
+
+    def accept(self, secret: bytes, last_seq: int, channels: list[int]) -> list[tuple]:
+        """Send WELCOME, switch to the session MAC, and decode what came meanwhile."""
+        hello = self._hello
+        assert self.state is State.AUTHENTICATING and hello is not None
+        ident, cn = hello["id"], hello["nonce"]
+        proof = crypto.welcome_proof(secret, self.nonce, cn, ident)
+        self._out += encode_json(
+            FrameType.WELCOME, {"last_seq": last_seq, "channels": channels, "proof": proof}
+        )
+        self.identity = ident
+        self.mac_algorithm = hello["mac"]
+        dec = self._decoder
+        dec.allowed = _AFTER_WELCOME
+        dec.refuse_code = ErrorCode.BAD_TYPE
+        dec.refuse_fatal = False
+        dec.mac_fatal = False
+        dec.mac_fn = crypto.make_mac(hello["mac"], crypto.session_key(secret, self.nonce, cn, ident))
+        dec.stop_types = frozenset({FrameType.BYE})
+        self.state = State.OPEN
+        return self._events(dec.resume())
+
+    def fail(self, code: str, message: str) -> tuple:
+        """End the session with ERROR `code` (AUTH_FAILED, TIMEOUT, SUPERSEDED, REVOKED)."""
+        return self._close(code, message, send=True)
+
+    def _close(self, code: str, message: str, *, send: bool) -> tuple:
+        if self.state is not State.CLOSED:
+            self.state = State.CLOSED
+            self.close_code = code
+            self._decoder.close()
+            if send:
+                self._out += encode_error(code, message)
+        return (CLOSED, code, message)
+
+    # -- output ------------------------------------------------------------
+
+    def send_ack(self, seq: int) -> None:
+        self._out += encode_ack(seq)
+
+    def send_nack(self, seq: int, code: str, message: str) -> None:
+        self._out += encode_nack(seq, code, message)
+
+    def data_to_send(self) -> bytearray:
+        out = self._out
+        self._out = bytearray()
+        return out
