@@ -1,4 +1,4 @@
-"""The client side of a MIP/1 connection as a state machine (PROTOCOL.md §4–§6).
+"""The client side of a MIP/1 connection as a state machine (PROTOCOL.md §4-§6).
 
 Used by the client library, the load generator and the tests. Like the server
 side it does no I/O: feed it received bytes, send what `data_to_send` returns.

@@ -1,4 +1,4 @@
-"""The server side of a MIP/1 connection as a state machine (PROTOCOL.md §3–§7).
+"""The server side of a MIP/1 connection as a state machine (PROTOCOL.md §3-§7).
 
 No sockets, no clock, no randomness: the caller passes the nonce in, feeds
 received bytes to `receive_data`, acts on the events it returns, and sends
@@ -178,7 +178,9 @@ class ServerSession:
         dec.refuse_code = ErrorCode.BAD_TYPE
         dec.refuse_fatal = False
         dec.mac_fatal = False
-        dec.mac_fn = crypto.make_mac(hello["mac"], crypto.session_key(secret, self.nonce, cn, ident))
+        dec.mac_fn = crypto.make_mac(
+            hello["mac"], crypto.session_key(secret, self.nonce, cn, ident)
+        )
         dec.stop_types = frozenset({FrameType.BYE})
         self.state = State.OPEN
         return self._events(dec.resume())
