@@ -5,12 +5,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import secrets
 from collections.abc import Callable
 
 MAC_ALGORITHMS = ("hmac-sha256", "blake2s", "none")
 SECRET_SIZE = 32
 
 MacFn = Callable[[bytes], bytes]
+
+
+def random_nonce() -> str:
+    """A fresh hex32 nonce (16 random bytes)."""
+    return secrets.token_hex(16)
 
 
 def token_to_secret(token: str) -> bytes:

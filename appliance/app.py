@@ -1,0 +1,87 @@
+"""Wiring and lifecycle of the daemon: data dir, identities, store, loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from appliance.auth.registry import Registry
+from appliance.config import Config
+from appliance.net.server import Server
+from appliance.store.wal import Store
+
+log = logging.getLogger("appliance")
+
+DEV_IDENTITY = "dev/core-0"
+DEV_CHANNELS = range(1, 9)
+
+
+def registry_path(data_dir: Path) -> Path:
+    return data_dir / "identities.json"
+
+
+def wal_dir(data_dir: Path) -> Path:
+    return data_dir / "wal"
+
+
+def ensure_data_dir(data_dir: Path) -> None:
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def ensure_dev_identity(config: Config, registry: Registry, out=sys.stdout) -> None:
+    """On first start, create dev/core-0 and print its token once."""
+    if not config.auth["dev_identity"] or registry.get(DEV_IDENTITY) is not None:
+        return
+    token = registry.add(DEV_IDENTITY, "core", module="dev", channels=DEV_CHANNELS)
+    creds = {
+        "id": DEV_IDENTITY,
+        "token": token,
+        "channels": list(DEV_CHANNELS),
+        "listen": str(config.listen),
+    }
+    path = config.data_dir / "dev-credentials.json"
+    write_private(path, json.dumps(creds, indent=2) + "\n")
+    print(
+        f"development identity created: id {DEV_IDENTITY} token {token} (saved in {path})",
+        file=out,
+        flush=True,
+    )
+
+
+def serve(config: Config) -> int:
+    ensure_data_dir(config.data_dir)
+    registry = Registry(registry_path(config.data_dir))
+    registry.load()
+    ensure_dev_identity(config, registry)
+    storage = config.storage
+    store = Store(
+        wal_dir(config.data_dir),
+        segment_bytes=storage["segment_bytes"],
+        commit_max_bytes=storage["commit_max_bytes"],
+    )
+    store.open()
+    server = Server(config, registry, store)
+    store.wakeup = server.wakeup
+    addresses = server.bind()
+    log.info(
+        "listening on %s (data in %s, %d frames stored)",
+        ", ".join(f"{h}:{p}" for h, p in addresses),
+        config.data_dir,
+        store.frames,
+    )
+    server.run()
+    return 0

@@ -1,0 +1,219 @@
+"""The `module-ingest` command line. Every failure is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import ssl
+import sys
+
+from appliance import __version__, app
+from appliance.auth.registry import KINDS, Registry, RegistryError, parse_channels
+from appliance.client import Client, ClientError
+from appliance.config import ConfigError, parse_address
+from appliance.config import load as load_config
+from appliance.protocol.crypto import MAC_ALGORITHMS
+from appliance.store.wal import read_records
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class CliError(Exception):
+    pass
+
+
+def _registry(config) -> Registry:
+    app.ensure_data_dir(config.data_dir)
+    registry = Registry(app.registry_path(config.data_dir))
+    registry.load()
+    return registry
+
+
+def cmd_serve(args, config) -> int:
+    return app.serve(config)
+
+
+def cmd_config_show(args, config) -> int:
+    sys.stdout.write(config.to_toml())
+    return 0
+
+
+def _mac_list(text: str) -> list[str]:
+    macs = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in macs if m not in MAC_ALGORITHMS]
+    if unknown or not macs:
+        raise CliError(f"--mac: expected some of {', '.join(MAC_ALGORITHMS)}, got {text!r}")
+    return macs
+
+
+def cmd_identity_add(args, config) -> int:
+    registry = _registry(config)
+    token = registry.add(
+        args.id,
+        args.kind,
+        module=args.module,
+        channels=parse_channels(args.channels) if args.channels else (),
+        fingerprint=args.fingerprint,
+        macs=_mac_list(args.mac) if args.mac else MAC_ALGORITHMS,
+        admin=args.admin,
+    )
+    identity = registry.get(args.id)
+    print(json.dumps({**_public(identity), "token": token}))
+    return 0
+
+
+def _public(identity) -> dict:
+    return {
+        "id": identity.id,
+        "kind": identity.kind,
+        "module": identity.module,
+        "channels": sorted(identity.channels),
+        "fingerprint": identity.fingerprint,
+        "mac": sorted(identity.macs),
+        "admin": identity.admin,
+        "revoked": identity.revoked,
+    }
+
+
+def cmd_identity_list(args, config) -> int:
+    for identity in _registry(config).list():
+        print(json.dumps(_public(identity)))
+    return 0
+
+
+def cmd_identity_revoke(args, config) -> int:
+    _registry(config).revoke(args.id)
+    print(json.dumps({"id": args.id, "revoked": True}))
+    return 0
+
+
+def cmd_send(args, config) -> int:
+    address = parse_address(args.connect) if args.connect else config.listen
+    tls = None
+    if args.tls_ca:
+        tls = ssl.create_default_context(cafile=args.tls_ca)
+    token = args.token or os.environ.get("MODULE_INGEST_TOKEN")
+    if not token:
+        raise CliError("send: give --token or set MODULE_INGEST_TOKEN")
+    lines = open(args.file, "rb") if args.file else sys.stdin.buffer  # noqa: SIM115
+    count = 0
+    with (
+        lines,
+        Client(
+            address.host, address.port, args.id, token, mac=args.mac, tls=tls, timeout=args.timeout
+        ) as client,
+    ):
+        for line in lines:
+            client.send(args.channel, line.rstrip(b"\r\n"))
+            count += 1
+        client.flush()
+        rejected = list(client.rejected)
+        acked = client.acked
+    for seq, code, message in rejected:
+        print(f"module-ingest: frame {seq} rejected: {code} {message}", file=sys.stderr)
+    print(json.dumps({"sent": count, "acked_seq": acked, "rejected": len(rejected)}))
+    return EXIT_FAILED if rejected else 0
+
+
+def cmd_dump(args, config) -> int:
+    directory = app.wal_dir(config.data_dir)
+    if not directory.is_dir():
+        raise CliError(f"dump: no store at {directory}")
+    out = sys.stdout
+    for rec in read_records(directory):
+        if args.identity is not None and rec.identity != args.identity:
+            continue
+        if args.channel is not None and rec.channel != args.channel:
+            continue
+        if args.since_seq is not None and rec.seq < args.since_seq:
+            continue
+        obj = {
+            "id": rec.identity,
+            "channel": rec.channel,
+            "seq": rec.seq,
+            "ts_ns": rec.ts_ns,
+            "recv_ns": rec.recv_ns,
+            "payload_b64": base64.b64encode(rec.payload).decode(),
+        }
+        out.write(json.dumps(obj) + "\n")
+    out.flush()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="module-ingest", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"module-ingest {__version__}")
+    parser.add_argument("--config", help="config file (default: $MODULE_INGEST_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the daemon")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("config", help="configuration")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    csub.add_parser("show", help="print the effective config").set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("identity", help="manage identities (users, modules, cores)")
+    isub = p.add_subparsers(dest="identity_command", required=True)
+    a = isub.add_parser("add", help="add an identity; prints its token once")
+    a.add_argument("id")
+    a.add_argument("--kind", choices=KINDS, required=True)
+    a.add_argument("--module", help="the module a core belongs to")
+    a.add_argument("--channels", help="channels it may write (users: read), e.g. 1,2,5-7")
+    a.add_argument("--fingerprint", help="bind to this hardware fingerprint")
+    a.add_argument("--mac", help="allowed MAC algorithms, e.g. hmac-sha256,blake2s")
+    a.add_argument("--admin", action="store_true", help="users: may administer")
+    a.set_defaults(func=cmd_identity_add)
+    isub.add_parser("list", help="list identities (never secrets)").set_defaults(
+        func=cmd_identity_list
+    )
+    r = isub.add_parser("revoke", help="revoke an identity; its connection is closed")
+    r.add_argument("id")
+    r.set_defaults(func=cmd_identity_revoke)
+
+    p = sub.add_parser("send", help="send stdin lines (or --file lines) as DATA frames")
+    p.add_argument("--id", required=True)
+    p.add_argument("--token", help="token (default: $MODULE_INGEST_TOKEN)")
+    p.add_argument("--channel", type=int, required=True)
+    p.add_argument("--file")
+    p.add_argument("--connect", help="host:port (default: server.listen of the config)")
+    p.add_argument("--mac", choices=MAC_ALGORITHMS, default="hmac-sha256")
+    p.add_argument("--tls-ca", help="connect with TLS, trusting this CA file")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("dump", help="print stored frames as JSON lines")
+    p.add_argument("--identity")
+    p.add_argument("--channel", type=int)
+    p.add_argument("--since-seq", type=int)
+    p.set_defaults(func=cmd_dump)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = load_config(args.config)
+        return args.func(args, config)
+    except (ConfigError, RegistryError, CliError) as exc:
+        print(f"module-ingest: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        sys.stderr.close()  # `dump | head` is not an error
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except (ClientError, OSError) as exc:
+        print(f"module-ingest: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

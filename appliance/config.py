@@ -1,0 +1,153 @@
+"""Configuration: embedded defaults, a TOML file, then environment overrides.
+
+Every key is validated at start; a bad one is a ConfigError whose message
+names the key and the file, so the CLI prints one line and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_CONFIG = "MODULE_INGEST_CONFIG"
+ENV_LISTEN = "MODULE_INGEST_LISTEN"
+ENV_DATA_DIR = "MODULE_INGEST_DATA_DIR"
+
+
+class ConfigError(Exception):
+    pass
+
+
+# section -> key -> (type, default, lower bound or None). Bounds keep every buffer finite.
+SCHEMA: dict[str, dict[str, tuple[type, Any, int | None]]] = {
+    "server": {
+        "name": (str, "module-ingest", None),
+        "listen": (str, "127.0.0.1:7878", None),
+        "backlog": (int, 1024, 1),
+        "max_connections": (int, 20000, 1),
+        "max_payload": (int, 65536, 1),
+        "handshake_timeout": (float, 10.0, 0),
+        "idle_timeout": (float, 60.0, 0),
+        "recv_bytes": (int, 262144, 4096),
+        "send_buffer_limit": (int, 1048576, 4096),
+        "keepalive": (bool, True, None),
+    },
+    "tls": {
+        "enabled": (bool, False, None),
+        "listen": (str, "127.0.0.1:7879", None),
+        "cert": (str, "", None),
+        "key": (str, "", None),
+    },
+    "storage": {
+        "data_dir": (str, "./data", None),
+        "segment_bytes": (int, 64 * 1024 * 1024, 4096),
+        "commit_max_bytes": (int, 4 * 1024 * 1024, 4096),
+        "pending_max_bytes": (int, 16 * 1024 * 1024, 4096),
+        "quota_bytes": (int, 0, 0),
+    },
+    "auth": {
+        "trust_on_first_use": (bool, False, None),
+        "dev_identity": (bool, True, None),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(text: str) -> Address:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port, got {text!r}")
+    return Address(host.strip("[]"), int(port))
+
+
+class Config:
+    """The effective configuration: `config.section[key]`, plus a few derived values."""
+
+    def __init__(self, values: dict[str, dict[str, Any]], source: str) -> None:
+        self.values = values
+        self.source = source
+        self.server = values["server"]
+        self.tls = values["tls"]
+        self.storage = values["storage"]
+        self.auth = values["auth"]
+        self.listen = parse_address(self.server["listen"])
+        self.tls_listen = parse_address(self.tls["listen"])
+        self.data_dir = Path(self.storage["data_dir"])
+
+    def to_toml(self) -> str:
+        lines = [f"# effective configuration (from {self.source})"]
+        for section, keys in self.values.items():
+            lines.append(f"\n[{section}]")
+            for key, value in keys.items():
+                lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _check(section: str, key: str, value: Any, where: str) -> Any:
+    kind, _, low = SCHEMA[section][key]
+    name = f"{section}.{key}"
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: {name} must be {kind.__name__}, got {value!r}")
+    if low is not None and value < low:
+        raise ConfigError(f"{where}: {name} must be >= {low}, got {value!r}")
+    if key == "listen":
+        try:
+            parse_address(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {name}: {exc}") from None
+    return value
+
+
+def load(path: str | os.PathLike | None = None, environ: dict | None = None) -> Config:
+    """Defaults, then the file (`path`, else $MODULE_INGEST_CONFIG), then the environment."""
+    env = os.environ if environ is None else environ
+    values = {s: {k: spec[1] for k, spec in keys.items()} for s, keys in SCHEMA.items()}
+    path = path or env.get(ENV_CONFIG) or None
+    source = "embedded defaults"
+    if path:
+        source = str(path)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        for section, keys in data.items():
+            if section not in SCHEMA or not isinstance(keys, dict):
+                raise ConfigError(f"{path}: unknown section [{section}]")
+            for key, value in keys.items():
+                if key not in SCHEMA[section]:
+                    raise ConfigError(f"{path}: unknown key {section}.{key}")
+                values[section][key] = _check(section, key, value, str(path))
+    for var, section, key in (
+        (ENV_LISTEN, "server", "listen"),
+        (ENV_DATA_DIR, "storage", "data_dir"),
+    ):
+        if env.get(var):
+            values[section][key] = _check(section, key, env[var], f"${var}")
+            source += f" + ${var}"
+    if values["tls"]["enabled"] and not (values["tls"]["cert"] and values["tls"]["key"]):
+        raise ConfigError(f"{source}: tls.enabled needs tls.cert and tls.key")
+    return Config(values, source)
