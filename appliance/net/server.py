@@ -21,7 +21,7 @@ import ssl
 import time
 
 from appliance.auth.handshake import authenticate
-from appliance.auth.registry import Registry
+from appliance.auth.registry import Registry, RegistryError
 from appliance.config import Config
 from appliance.net import sockets
 from appliance.net.connection import LINGER, Connection
@@ -462,7 +462,12 @@ class Server:
     # -- timers -------------------------------------------------------------------
 
     def _sweep(self, now: float) -> None:
-        for ident in self.registry.reload_if_changed():
+        try:
+            revoked = self.registry.reload_if_changed()
+        except RegistryError as exc:
+            log.error("identities: %s; serving the last good copy", exc)
+            revoked = set()
+        for ident in revoked:
             conn = self.by_identity.get(ident)
             if conn is not None and not conn.closing:
                 self._fail(conn, ErrorCode.REVOKED, "identity revoked")

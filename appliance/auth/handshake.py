@@ -1,0 +1,86 @@
+"""The server's HELLO checks (PROTOCOL.md §4 step 3) once the session found the HELLO well formed.
+
+Every failure looks the same to the caller (None, answered with ERROR
+AUTH_FAILED), and the work done does not depend on which check failed: an
+unknown identity is checked against a dummy secret, and every check runs
+before the verdict, so response times do not tell a prober which ids exist.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+
+from appliance.auth.registry import Identity, Registry, RegistryError
+from appliance.protocol import crypto
+
+log = logging.getLogger(__name__)
+
+# Random per process, so no client can hold a valid proof for it.
+_DUMMY_SECRET = secrets.token_bytes(crypto.SECRET_SIZE)
+_NO_MACS: frozenset[str] = frozenset()
+
+
+def authenticate(
+    registry: Registry, hello: dict, server_nonce: str, *, trust_on_first_use: bool = False
+) -> Identity | None:
+    """The identity the HELLO proves, or None if any check fails.
+
+    With `trust_on_first_use`, an identity not yet bound to a fingerprint gets
+    bound to the HELLO's (if non-empty) once every other check has passed.
+    """
+    ident = hello["id"]
+    fingerprint = hello["fingerprint"]
+    # JSON may carry lone surrogates, which cannot be encoded for the HMAC. No
+    # registered id contains one, and this test does not consult the registry.
+    if not (_encodable(ident) and _encodable(fingerprint)):
+        return None
+
+    identity = registry.get(ident)
+    if identity is None:
+        secret, bound, macs, active = _DUMMY_SECRET, None, _NO_MACS, False
+    else:
+        secret, bound, macs = identity.secret, identity.fingerprint, identity.macs
+        active = not identity.revoked
+
+    expected = crypto.hello_proof(secret, server_nonce, hello["nonce"], ident, fingerprint)
+    proof_ok = hmac.compare_digest(expected.encode(), hello["proof"].lower().encode())
+    fingerprint_ok = bound is None or bound == fingerprint
+    mac_ok = hello["mac"] in macs
+    # `&`, not `and`: no check is skipped because an earlier one failed.
+    if not (active & proof_ok & fingerprint_ok & mac_ok):
+        return None
+    assert identity is not None
+    if bound is None and trust_on_first_use and fingerprint:
+        return _bind(registry, identity, fingerprint)
+    return identity
+
+
+def _bind(registry: Registry, identity: Identity, fingerprint: str) -> Identity | None:
+    try:
+        registry.bind_fingerprint(identity.id, fingerprint)
+    except RegistryError as e:
+        log.warning("cannot bind a fingerprint to %s on first use: %s", identity.id, e)
+        return None
+    current = registry.get(identity.id)
+    # The binding is made under the registry lock from the file, not from our
+    # copy: another process may have bound a different fingerprint, revoked the
+    # identity or replaced it since we read it.
+    if (
+        current is None
+        or current.revoked
+        or current.secret != identity.secret
+        or current.fingerprint != fingerprint
+    ):
+        return None
+    log.info("bound fingerprint %s to %s on first use", fingerprint, identity.id)
+    return current
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -1,0 +1,460 @@
+"""auth/: the identity registry file and the server's HELLO checks, on real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from appliance.auth.handshake import authenticate
+from appliance.auth.registry import KINDS, Identity, Registry, RegistryError, parse_channels
+from appliance.protocol import crypto
+from appliance.protocol.session import parse_hello
+
+SN = "00112233445566778899aabbccddeeff"
+CN = "ffeeddccbbaa99887766554433221100"
+FP = "sha256:f6298bff015cb6c58e55e400b8097684422eb3d3c85edc856cb8d1ba2084878f"
+OTHER_FP = "sha256:" + "0" * 64
+
+
+@pytest.fixture
+def path(tmp_path):
+    return tmp_path / "data" / "identities.json"
+
+
+@pytest.fixture
+def registry(path):
+    return Registry(path)
+
+
+# -- registry ------------------------------------------------------------------
+
+
+def test_missing_file_is_an_empty_registry(registry, path):
+    registry.load()
+    assert registry.list() == []
+    assert registry.get("nobody") is None
+    assert not path.exists()
+
+
+def test_add_get_list_revoke_round_trip(registry, path):
+    registry.add("m-0007", "module", channels=[1, 2])
+    registry.add("m-0007/core-2", "core", module="m-0007", channels=[7], fingerprint=FP)
+    registry.add("alice", "user", channels=range(3), macs=["blake2s"], admin=True)
+
+    assert [i.id for i in registry.list()] == ["alice", "m-0007", "m-0007/core-2"]
+    core = registry.get("m-0007/core-2")
+    assert isinstance(core, Identity)
+    assert (core.kind, core.module, core.channels, core.fingerprint) == (
+        "core",
+        "m-0007",
+        frozenset({7}),
+        FP,
+    )
+    assert core.macs == frozenset(crypto.MAC_ALGORITHMS)
+    assert not core.admin and not core.revoked
+    assert abs(core.created_ns - time.time_ns()) < 60 * 10**9
+    alice = registry.get("alice")
+    assert alice.admin and alice.macs == {"blake2s"} and alice.channels == {0, 1, 2}
+
+    registry.revoke("m-0007/core-2")
+    assert registry.get("m-0007/core-2").revoked
+    fresh = Registry(path)
+    fresh.load()
+    assert fresh.list() == registry.list()
+    assert fresh.get("m-0007/core-2").revoked
+    assert not fresh.get("m-0007").revoked
+
+
+def test_token_decodes_to_the_stored_secret(registry, path):
+    token = registry.add("dev/core-0", "core", module="dev")
+    secret = crypto.token_to_secret(token)
+    assert len(secret) == 32
+    assert registry.get("dev/core-0").secret == secret
+    fresh = Registry(path)
+    assert fresh.get("dev/core-0").secret == secret
+    assert json.loads(path.read_text())["identities"]["dev/core-0"]["token"] == token
+
+
+def test_secret_stays_out_of_repr(registry):
+    token = registry.add("dev/core-0", "core", module="dev")
+    assert token not in repr(registry.get("dev/core-0"))
+    assert repr(crypto.token_to_secret(token)) not in repr(registry.get("dev/core-0"))
+
+
+def test_file_is_0600_and_written_without_leftovers(registry, path):
+    registry.add("a", "module")
+    registry.add("b", "module")
+    registry.revoke("a")
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert sorted(os.listdir(path.parent)) == ["identities.json", "identities.json.lock"]
+    doc = json.loads(path.read_text())
+    assert doc["version"] == 1
+    assert sorted(doc["identities"]) == ["a", "b"]
+    assert doc["identities"]["a"]["revoked"] is True
+
+
+def test_duplicate_id_is_refused_and_keeps_the_first(registry):
+    token = registry.add("a", "module")
+    with pytest.raises(RegistryError, match="already exists"):
+        registry.add("a", "user")
+    assert registry.get("a").kind == "module"
+    assert registry.get("a").secret == crypto.token_to_secret(token)
+
+
+@pytest.mark.parametrize(
+    ("ident", "kind", "options", "message"),
+    [
+        ("c", "core", {}, "needs a module"),
+        ("m", "module", {"module": "x"}, "only a core"),
+        ("c", "core", {"module": "has space"}, "bad module"),
+        ("m", "module", {"admin": True}, "only a user"),
+        ("x", "robot", {}, "bad kind"),
+        ("", "module", {}, "bad identity id"),
+        ("has space", "module", {}, "bad identity id"),
+        ("tab\there", "module", {}, "bad identity id"),
+        ("é", "module", {}, "bad identity id"),
+        ("x" * 129, "module", {}, "bad identity id"),
+        ("m", "module", {"channels": [65536]}, "out of range"),
+        ("m", "module", {"channels": [-1]}, "out of range"),
+        ("m", "module", {"channels": [True]}, "out of range"),
+        ("m", "module", {"macs": ["md5"]}, "unknown MAC"),
+        ("m", "module", {"macs": []}, "no MAC"),
+        ("m", "module", {"fingerprint": ""}, "bad fingerprint"),
+        ("m", "module", {"fingerprint": "two words"}, "bad fingerprint"),
+    ],
+)
+def test_add_refuses_bad_identities(registry, path, ident, kind, options, message):
+    with pytest.raises(RegistryError, match=message) as info:
+        registry.add(ident, kind, **options)
+    assert "\n" not in str(info.value)
+    assert not path.exists()
+
+
+def test_longest_id_and_every_kind_are_accepted(registry):
+    registry.add("x" * 128, "module")
+    for kind in KINDS:
+        registry.add(f"{kind}/1", kind, module="m" if kind == "core" else None)
+    assert len(registry.list()) == 4
+
+
+def test_revoke_unknown_id(registry):
+    with pytest.raises(RegistryError, match="unknown identity"):
+        registry.revoke("nobody")
+
+
+def test_bind_fingerprint_only_once(registry, path):
+    registry.add("c", "core", module="m")
+    registry.bind_fingerprint("c", FP)
+    registry.bind_fingerprint("c", OTHER_FP)
+    assert registry.get("c").fingerprint == FP
+    assert Registry(path).get("c").fingerprint == FP
+    with pytest.raises(RegistryError, match="unknown identity"):
+        registry.bind_fingerprint("nobody", FP)
+    with pytest.raises(RegistryError, match="bad fingerprint"):
+        registry.bind_fingerprint("c", "")
+
+
+@pytest.mark.parametrize(
+    ("text", "channels"),
+    [
+        ("1,2,5-7", [1, 2, 5, 6, 7]),
+        ("", []),
+        ("  ", []),
+        ("7", [7]),
+        (" 3 , 1-2 ", [1, 2, 3]),
+        ("5-7,6,1-1", [1, 5, 6, 7]),
+        ("0", [0]),
+        ("65530-65535", [65530, 65531, 65532, 65533, 65534, 65535]),
+    ],
+)
+def test_parse_channels(text, channels):
+    assert parse_channels(text) == channels
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("1,,2", "bad channel list"),
+        ("1,", "bad channel list"),
+        ("a", "bad channel list"),
+        ("1-", "bad channel list"),
+        ("-1", "bad channel list"),
+        ("1-2-3", "bad channel list"),
+        ("1.5", "bad channel list"),
+        ("1 2", "bad channel list"),
+        ("\uff11", "bad channel list"),  # a full-width digit
+        ("9" * 5000, "bad channel list"),
+        ("7-5", "reversed"),
+        ("65536", "out of range"),
+        ("1-70000", "out of range"),
+    ],
+)
+def test_parse_channels_errors(text, message):
+    with pytest.raises(RegistryError, match=message):
+        parse_channels(text)
+
+
+def test_reload_sees_the_cli_and_reports_revocations(path):
+    daemon = Registry(path)
+    daemon.load()
+    cli = Registry(path)  # another instance on the same file, as the CLI beside the daemon
+    cli.add("a", "module")
+    cli.add("b", "module")
+    assert daemon.get("a") is None
+
+    assert daemon.reload_if_changed() == set()
+    assert daemon.get("a") is not None and daemon.get("b") is not None
+    assert daemon.reload_if_changed() == set()
+
+    cli.revoke("a")
+    assert daemon.reload_if_changed() == {"a"}
+    assert daemon.get("a").revoked
+    assert daemon.reload_if_changed() == set()
+
+    # A hand edit that removes an identity counts as a revocation.
+    doc = json.loads(path.read_text())
+    del doc["identities"]["b"]
+    path.write_text(json.dumps(doc))
+    assert daemon.reload_if_changed() == {"b"}
+    assert daemon.get("b") is None
+
+
+def test_reload_reports_revocations_made_through_the_same_instance(registry):
+    registry.add("a", "module")
+    registry.add("b", "module")
+    assert registry.reload_if_changed() == set()
+    registry.revoke("b")
+    assert registry.reload_if_changed() == {"b"}
+    assert registry.reload_if_changed() == set()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        "\xff\xfe",
+        "[]",
+        '{"version": 2, "identities": {}}',
+        '{"version": 1}',
+        '{"version": 1, "identities": {"a": {"kind": "module"}}}',
+    ],
+)
+def test_bad_file_gives_a_one_line_registry_error(path, content):
+    path.parent.mkdir()
+    path.write_bytes(content.encode("latin-1"))
+    with pytest.raises(RegistryError) as info:
+        Registry(path).load()
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_bad_file_is_never_overwritten(registry, path):
+    path.parent.mkdir()
+    path.write_text("{not json")
+    with pytest.raises(RegistryError):
+        registry.add("a", "module")
+    with pytest.raises(RegistryError):
+        registry.revoke("a")
+    assert path.read_text() == "{not json"
+
+
+def test_daemon_keeps_the_last_good_copy_when_the_file_goes_bad(path):
+    cli = Registry(path)
+    cli.add("a", "module")
+    daemon = Registry(path)
+    daemon.load()
+    good = path.read_text()
+
+    path.write_text("{not json")
+    with pytest.raises(RegistryError):
+        daemon.reload_if_changed()
+    assert daemon.reload_if_changed() == set()  # said once, not at every poll
+    assert daemon.get("a") is not None
+
+    doc = json.loads(good)
+    doc["identities"]["a"]["revoked"] = True
+    path.write_text(json.dumps(doc))
+    assert daemon.reload_if_changed() == {"a"}
+
+
+def test_a_bad_file_at_start_leaves_an_empty_registry(path):
+    path.parent.mkdir()
+    path.write_text("{not json")
+    daemon = Registry(path)
+    with pytest.raises(RegistryError):
+        daemon.load()
+    assert daemon.get("a") is None  # refuses everyone, without raising at each HELLO
+
+
+_ADDER = textwrap.dedent(
+    """
+    import os, sys, time
+    from appliance.auth.registry import Registry
+    path, prefix, go, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    while not os.path.exists(go):
+        time.sleep(0.001)
+    registry = Registry(path)
+    for n in range(count):
+        registry.add(f"{prefix}-{n}", "module")
+    """
+)
+
+
+def test_concurrent_adds_from_two_processes_lose_none(path, tmp_path):
+    go = tmp_path / "go"
+    count = 40
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _ADDER, str(path), prefix, str(go), str(count)])
+        for prefix in ("cli", "daemon")
+    ]
+    time.sleep(0.3)  # let both start up, so the adds overlap
+    go.touch()
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    ids = {i.id for i in Registry(path).list()}
+    expected = {f"{prefix}-{n}" for prefix in ("cli", "daemon") for n in range(count)}
+    assert ids == expected
+    assert sorted(os.listdir(path.parent)) == ["identities.json", "identities.json.lock"]
+
+
+# -- authenticate ----------------------------------------------------------------
+
+
+def hello_for(ident: str, secret: bytes, fingerprint: str = "", mac: str = "hmac-sha256") -> dict:
+    """A HELLO as the session hands it over: built as JSON and parsed by parse_hello."""
+    proof = crypto.hello_proof(secret, SN, CN, ident, fingerprint)
+    payload = {"id": ident, "nonce": CN, "fingerprint": fingerprint, "mac": mac, "proof": proof}
+    hello = parse_hello(json.dumps(payload).encode())
+    assert hello is not None
+    return hello
+
+
+@pytest.fixture
+def core(registry):
+    token = registry.add("m-0007/core-2", "core", module="m-0007", channels=[7])
+    return "m-0007/core-2", crypto.token_to_secret(token)
+
+
+def test_good_proof(registry, core):
+    ident, secret = core
+    identity = authenticate(registry, hello_for(ident, secret), SN)
+    assert identity is not None and identity.id == ident and identity.channels == {7}
+
+
+def test_protocol_test_vector_from_a_hand_written_file(path):
+    path.parent.mkdir()
+    entry = {
+        "kind": "core",
+        "module": "m-0007",
+        "token": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8",
+        "channels": [7],
+        "fingerprint": FP,
+        "macs": ["hmac-sha256"],
+        "admin": False,
+        "revoked": False,
+        "created_ns": 0,
+    }
+    path.write_text(json.dumps({"version": 1, "identities": {"m-0007/core-2": entry}}))
+    hello = {
+        "id": "m-0007/core-2",
+        "nonce": CN,
+        "fingerprint": FP,
+        "mac": "hmac-sha256",
+        "proof": "ee1c1ba32ebba2e6f11596ef7129b5d9261846c8a2aca3705459278dc3ee5d60",
+    }
+    identity = authenticate(Registry(path), hello, SN)
+    assert identity is not None and identity.secret == bytes(range(32))
+
+
+def test_wrong_proof(registry, core):
+    ident, secret = core
+    assert authenticate(registry, hello_for(ident, bytes(32)), SN) is None
+    hello = hello_for(ident, secret)
+    assert authenticate(registry, hello, "0" * 32) is None  # proof for another challenge
+    digit = "1" if hello["proof"][-1] == "0" else "0"
+    hello["proof"] = hello["proof"][:-1] + digit
+    assert authenticate(registry, hello, SN) is None
+
+
+def test_unknown_id(registry, core):
+    _, secret = core
+    assert authenticate(registry, hello_for("m-0007/core-3", secret), SN) is None
+
+
+def test_revoked_id(registry, core):
+    ident, secret = core
+    registry.revoke(ident)
+    assert authenticate(registry, hello_for(ident, secret), SN) is None
+
+
+def test_bound_fingerprint_must_match(registry, core):
+    ident, secret = core
+    registry.bind_fingerprint(ident, FP)
+    assert authenticate(registry, hello_for(ident, secret, OTHER_FP), SN) is None
+    assert authenticate(registry, hello_for(ident, secret, ""), SN) is None
+    assert authenticate(registry, hello_for(ident, secret, FP), SN) is not None
+    assert authenticate(registry, hello_for(ident, secret, FP), SN, trust_on_first_use=True)
+
+
+def test_unbound_identity_accepts_any_fingerprint_without_binding(registry, core):
+    ident, secret = core
+    assert authenticate(registry, hello_for(ident, secret, FP), SN) is not None
+    assert authenticate(registry, hello_for(ident, secret, OTHER_FP), SN) is not None
+    assert registry.get(ident).fingerprint is None
+
+
+def test_trust_on_first_use_binds_then_refuses_another_fingerprint(registry, path, core):
+    ident, secret = core
+    identity = authenticate(registry, hello_for(ident, secret, FP), SN, trust_on_first_use=True)
+    assert identity is not None and identity.fingerprint == FP
+    assert Registry(path).get(ident).fingerprint == FP  # persisted
+    again = hello_for(ident, secret, OTHER_FP)
+    assert authenticate(registry, again, SN, trust_on_first_use=True) is None
+    assert authenticate(registry, hello_for(ident, secret, FP), SN) is not None
+
+
+def test_trust_on_first_use_binds_only_after_every_check(registry, core):
+    ident, _ = core
+    token = registry.add("mac-none-only", "module", macs=["none"])
+    wrong_proof = hello_for(ident, bytes(32), OTHER_FP)
+    assert authenticate(registry, wrong_proof, SN, trust_on_first_use=True) is None
+    assert registry.get(ident).fingerprint is None
+    hello = hello_for("mac-none-only", crypto.token_to_secret(token), OTHER_FP, mac="blake2s")
+    assert authenticate(registry, hello, SN, trust_on_first_use=True) is None
+    assert registry.get("mac-none-only").fingerprint is None
+
+
+def test_trust_on_first_use_with_no_fingerprint_binds_nothing(registry, core):
+    ident, secret = core
+    assert authenticate(registry, hello_for(ident, secret, ""), SN, trust_on_first_use=True)
+    assert registry.get(ident).fingerprint is None
+
+
+def test_trust_on_first_use_with_an_unbindable_fingerprint_fails(registry, core):
+    ident, secret = core
+    hello = hello_for(ident, secret, "has space")
+    assert authenticate(registry, hello, SN, trust_on_first_use=True) is None
+    assert registry.get(ident).fingerprint is None
+
+
+def test_disallowed_mac(registry):
+    token = registry.add("dev/core-0", "core", module="dev", macs=["hmac-sha256", "blake2s"])
+    secret = crypto.token_to_secret(token)
+    assert authenticate(registry, hello_for("dev/core-0", secret, mac="none"), SN) is None
+    assert authenticate(registry, hello_for("dev/core-0", secret, mac="blake2s"), SN) is not None
+
+
+def test_lone_surrogates_fail_instead_of_raising(registry, core):
+    ident, secret = core
+    payload = '{"id": "\\ud800", "nonce": "%s", "fingerprint": "", "mac": "none", "proof": "%s"}'
+    hello = parse_hello((payload % (CN, "0" * 64)).encode())
+    assert hello is not None
+    assert authenticate(registry, hello, SN) is None
+    hello = hello_for(ident, secret)
+    hello["fingerprint"] = "\udfff"
+    assert authenticate(registry, hello, SN, trust_on_first_use=True) is None
