@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -62,7 +63,22 @@ def ensure_dev_identity(config: Config, registry: Registry, out=sys.stdout) -> N
     )
 
 
+def raise_fd_limit() -> int:
+    """Lift the soft open-files limit to the hard one: every core is a file descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 def serve(config: Config) -> int:
+    limit = raise_fd_limit()
+    if limit < config.server["max_connections"] + 64:
+        log.warning(
+            "open-files limit %d is below server.max_connections %d; raise LimitNOFILE",
+            limit,
+            config.server["max_connections"],
+        )
     ensure_data_dir(config.data_dir)
     registry = Registry(registry_path(config.data_dir))
     registry.load()

@@ -116,10 +116,17 @@ class Server:
                 if data is None:
                     self._drain_wakeups()
                 elif type(data) is Connection:
-                    if mask & WRITE:
-                        self._on_writable(data)
-                    if mask & READ and data.fd in self.conns:
-                        self._on_readable(data)
+                    try:
+                        if mask & WRITE:
+                            self._on_writable(data)
+                        if mask & READ and data.fd in self.conns:
+                            self._on_readable(data)
+                    except Exception:
+                        # a bug must cost one connection, not every core's
+                        log.exception(
+                            "conn %s (%s): internal error; closing", data.addr, data.identity
+                        )
+                        self._close(data)
                 else:
                     self._accept(key.fileobj, data[1])
             if self.marks or store._staged:
@@ -441,6 +448,8 @@ class Server:
 
     def _begin_close(self, conn: Connection, code: str) -> None:
         conn.closing = True
+        conn.commit_wait = None
+        self.commit_waiting.discard(conn)
         conn.deadline = time.monotonic() + LINGER
         if code != ErrorCode.AUTH_FAILED:
             log.info("conn %s (%s): closing with %s", conn.addr, conn.identity, code)
