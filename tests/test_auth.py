@@ -452,8 +452,9 @@ def test_disallowed_mac(registry):
 def test_lone_surrogates_fail_instead_of_raising(registry, core):
     ident, secret = core
     payload = '{"id": "\\ud800", "nonce": "%s", "fingerprint": "", "mac": "none", "proof": "%s"}'
-    hello = parse_hello((payload % (CN, "0" * 64)).encode())
-    assert hello is not None
+    assert parse_hello((payload % (CN, "0" * 64)).encode()) is None  # refused as malformed
+    hello = hello_for(ident, secret)  # authenticate refuses one that gets through anyway
+    hello["id"] = "\ud800"
     assert authenticate(registry, hello, SN) is None
     hello = hello_for(ident, secret)
     hello["fingerprint"] = "\udfff"

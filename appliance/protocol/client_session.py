@@ -28,7 +28,7 @@ class ProtocolViolation(Exception):
 def _json(payload: bytes) -> dict:
     try:
         obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolViolation(f"unreadable JSON payload: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolViolation("JSON payload is not an object")
@@ -103,13 +103,17 @@ class ClientSession:
         sn = self.server_nonce
         if sn is None or self.welcomed:
             raise ProtocolViolation("WELCOME out of order")
-        expected = crypto.welcome_proof(self.secret, sn, self.nonce, self.ident)
-        if not compare_digest(str(welcome.get("proof", "")), expected):
+        expected = crypto.welcome_proof(self.secret, sn, self.nonce, self.ident).encode()
+        proof = welcome.get("proof")
+        if not isinstance(proof, str) or not compare_digest(proof.encode(), expected):
             raise ProtocolViolation("WELCOME proof is wrong: the server does not hold our secret")
+        last_seq, channels = welcome.get("last_seq"), welcome.get("channels")
+        if type(last_seq) is not int or last_seq < 0 or not isinstance(channels, list):
+            raise ProtocolViolation("WELCOME without a valid last_seq and channels")
         self.welcomed = True
         key = crypto.session_key(self.secret, sn, self.nonce, self.ident)
         self.mac_fn = crypto.make_mac(self.mac, key)
-        return (FrameType.WELCOME, int(welcome.get("last_seq", 0)), welcome.get("channels", []))
+        return (FrameType.WELCOME, last_seq, channels)
 
     def encode(self, ftype: int, seq: int, payload: bytes = b"", **kw) -> bytes:
         """A frame from this client, with the session MAC once welcomed."""

@@ -4,7 +4,9 @@ Bytes go in with `feed`; complete frames and per-frame rejections come out.
 The decoder checks a header (magic and version, flags, length, then whether
 the type is admitted) before it waits for the payload, so a refused payload is
 skipped as it arrives and never buffered. Between calls it keeps at most one
-incomplete frame: header + max_payload + CRC + MAC bytes.
+incomplete frame: header + max_payload + CRC + MAC bytes. The exception is a
+stop (after HELLO, until `resume`): the bytes after it are held, so a caller
+stops reading its socket while the decoder is stopped.
 
 `feed` returns a list of tuples whose first item tells the kind:
 

@@ -65,7 +65,7 @@ def parse_hello(payload: bytes) -> dict | None:
     """The HELLO object if it is well formed (PROTOCOL.md §4 step 3), else None."""
     try:
         hello = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting recurses
         return None
     if not isinstance(hello, dict):
         return None
@@ -75,6 +75,11 @@ def parse_hello(payload: bytes) -> dict | None:
     if not _HEX32.fullmatch(hello["nonce"]) or not _HEX64.fullmatch(hello["proof"]):
         return None
     if hello["mac"] not in crypto.MAC_ALGORITHMS:
+        return None
+    try:  # lone surrogates survive JSON but cannot enter the proof's HMAC
+        hello["id"].encode()
+        hello["fingerprint"].encode()
+    except UnicodeEncodeError:
         return None
     hello["proof"] = hello["proof"].lower()
     return hello
