@@ -73,7 +73,7 @@ def raise_fd_limit() -> int:
 
 def serve(config: Config) -> int:
     limit = raise_fd_limit()
-    if limit < config.server["max_connections"] + 64:
+    if limit < config.server["max_connections"] + 64:  # listeners, segments, registry
         log.warning(
             "open-files limit %d is below server.max_connections %d; raise LimitNOFILE",
             limit,

@@ -22,14 +22,14 @@ class ConfigError(Exception):
 
 
 # section -> key -> (type, default, lower bound or None). Bounds keep every buffer finite.
-SCHEMA: dict[str, dict[str, tuple[type, Any, int | None]]] = {
+SCHEMA: dict[str, dict[str, tuple[type, Any, float | None]]] = {
     "server": {
         "name": (str, "module-ingest", None),
         "listen": (str, "127.0.0.1:7878", None),
         "backlog": (int, 1024, 1),
-        "max_connections": (int, 20000, 1),
+        "max_connections": (int, 16384, 1),
         "max_payload": (int, 65536, 1),
-        "handshake_timeout": (float, 10.0, 0),
+        "handshake_timeout": (float, 10.0, 0.1),
         "idle_timeout": (float, 60.0, 0),
         "recv_bytes": (int, 262144, 4096),
         "send_buffer_limit": (int, 1048576, 4096),

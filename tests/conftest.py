@@ -35,12 +35,12 @@ class Daemon:
 
     def __init__(self, data_dir: Path, config_text: str = "") -> None:
         self.data_dir = data_dir
-        self.config = data_dir.parent / "config.toml"
+        self.config = data_dir.with_suffix(".toml")
         self.config.write_text(config_text)
         self.host = "127.0.0.1"
         self.port = 0
         self.proc: subprocess.Popen | None = None
-        self.log_path = data_dir.parent / "daemon.log"
+        self.log_path = data_dir.with_suffix(".log")
         self.extra_env: dict[str, str] = {}
 
     def start(self) -> Daemon:

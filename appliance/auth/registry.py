@@ -184,29 +184,50 @@ class Registry:
         admin: bool = False,
     ) -> str:
         """Create an identity with a fresh secret and return its token (shown once)."""
-        channels = tuple(channels)
-        for channel in channels:
-            if not _is_channel(channel):
-                raise RegistryError(f"channel {channel!r} out of range 0-{MAX_CHANNEL}")
-        secret = secrets.token_bytes(crypto.SECRET_SIZE)
-        identity = Identity(
-            id=ident,
-            kind=kind,
+        identity = _new_identity(
+            ident,
+            kind,
             module=module,
-            secret=secret,
-            channels=frozenset(channels),
+            channels=channels,
             fingerprint=fingerprint,
-            macs=frozenset(macs),
+            macs=macs,
             admin=admin,
-            revoked=False,
-            created_ns=time.time_ns(),
         )
-        _validate(identity)
         with self._update() as identities:
             if ident in identities:
                 raise RegistryError(f"identity {ident!r} already exists")
             identities[ident] = identity
-        return crypto.secret_to_token(secret)
+        return crypto.secret_to_token(identity.secret)
+
+    def add_many(self, specs: Iterable[dict[str, Any]]) -> dict[str, str]:
+        """Create many identities with one locked read-modify-write and one file write.
+
+        Each spec holds the arguments of `add` by name: "ident", "kind" and any of
+        its options. Validated like `add`, all or nothing: a bad spec, or an id that
+        exists or repeats, raises RegistryError and writes nothing. Returns
+        {id: token} in the order of `specs`.
+        """
+        new: dict[str, Identity] = {}
+        for spec in specs:
+            if not isinstance(spec, dict):
+                raise RegistryError(f"an identity spec is a dict, not {type(spec).__name__}")
+            unknown = sorted(set(spec) - _SPEC_KEYS)
+            if unknown:
+                raise RegistryError(f"unknown identity field {unknown[0]!r}")
+            if "ident" not in spec or "kind" not in spec:
+                raise RegistryError("an identity needs 'ident' and 'kind'")
+            identity = _new_identity(**spec)
+            if identity.id in new:
+                raise RegistryError(f"identity {identity.id!r} given twice")
+            new[identity.id] = identity
+        if not new:
+            return {}
+        with self._update() as identities:
+            for ident in new:
+                if ident in identities:
+                    raise RegistryError(f"identity {ident!r} already exists")
+            identities.update(new)
+        return {ident: crypto.secret_to_token(identity.secret) for ident, identity in new.items()}
 
     def revoke(self, ident: str) -> None:
         with self._update() as identities:
@@ -320,6 +341,40 @@ class Registry:
 
 
 # -- helpers -------------------------------------------------------------------
+
+
+_SPEC_KEYS = frozenset({"ident", "kind", "module", "channels", "fingerprint", "macs", "admin"})
+
+
+def _new_identity(
+    ident: str,
+    kind: str,
+    *,
+    module: str | None = None,
+    channels: Iterable[int] = (),
+    fingerprint: str | None = None,
+    macs: Iterable[str] = crypto.MAC_ALGORITHMS,
+    admin: bool = False,
+) -> Identity:
+    """A validated identity with a fresh secret (for `add` and `add_many`)."""
+    channels = tuple(channels)
+    for channel in channels:
+        if not _is_channel(channel):
+            raise RegistryError(f"channel {channel!r} out of range 0-{MAX_CHANNEL}")
+    identity = Identity(
+        id=ident,
+        kind=kind,
+        module=module,
+        secret=secrets.token_bytes(crypto.SECRET_SIZE),
+        channels=frozenset(channels),
+        fingerprint=fingerprint,
+        macs=frozenset(macs),
+        admin=admin,
+        revoked=False,
+        created_ns=time.time_ns(),
+    )
+    _validate(identity)
+    return identity
 
 
 def _active(identities: dict[str, Identity]) -> set[str]:

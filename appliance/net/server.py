@@ -183,7 +183,8 @@ class Server:
                 if seq > durable.get(ident, 0):
                     durable[ident] = seq
                 conn = by_identity.get(ident)
-                if conn is not None and not conn.closing:
+                # not before WELCOME (it carries last_seq), not after ERROR or BYE
+                if conn is not None and conn.session.state is State.OPEN:
                     conn.session.send_ack(durable[ident])
                     self._flush(conn)
         for conn in list(self.commit_waiting):
@@ -239,7 +240,7 @@ class Server:
                 crypto.random_nonce(),
                 server_name=self.config.server["name"],
                 max_payload=self.max_payload,
-                idle_timeout=int(self.idle_timeout),
+                idle_timeout=self.idle_timeout,
             )
             conn = Connection(sock, addr, session, time.monotonic() + self.handshake_timeout)
             self.conns[conn.fd] = conn
@@ -292,8 +293,8 @@ class Server:
         except OSError:
             self._close(conn)
             return
-        if empty and conn.closing and not conn.shut:
-            conn.shutdown_write()
+        if empty and conn.closing and conn.commit_wait is None and not conn.shut:
+            conn.shutdown_write()  # after the ERROR or the final ACK, not before
         if len(conn.out) > self.send_limit and not conn.paused:
             self._pause(conn)  # the peer does not read: stop reading it until it does
         self._interest(conn, self._want(conn))
@@ -348,38 +349,45 @@ class Server:
     # -- protocol events ----------------------------------------------------------
 
     def _handle(self, conn: Connection, events: list[tuple]) -> None:
+        """DATA events first; a HELLO, BYE or CLOSED can only be the last event."""
         if not events:
             return
+        last_event = events[-1]
+        if last_event[0] != DATA:
+            events = events[:-1]
+        if events:
+            self._store_data(conn, events)
+        kind = last_event[0]
+        if kind == HELLO:
+            self._on_hello(conn, last_event[1])
+        elif kind == BYE:
+            conn.closing = True
+            self._on_bye(conn)
+        elif kind == CLOSED:
+            self._begin_close(conn, last_event[1])
+
+    def _store_data(self, conn: Connection, events: list[tuple]) -> None:
+        """Replay window, scope and quota per frame, then one append per accepted frame."""
         ident = conn.identity
-        last = self.accepted.get(ident, 0) if ident is not None else 0
+        last = self.accepted.get(ident, 0)
         session = conn.session
         replay = False
         stored = 0
         busy = self._busy()
         recv_ns = time.time_ns()
-        for ev in events:
-            kind = ev[0]
-            if kind == DATA:
-                _, channel, seq, ts_ns, payload = ev
-                if seq <= last:
-                    replay = True
-                    self.counters["replays"] += 1
-                elif channel not in conn.scope:
-                    session.send_nack(seq, ErrorCode.DENIED, f"channel {channel} not in scope")
-                elif busy:
-                    session.send_nack(seq, ErrorCode.BUSY, "storage cannot take the frame now")
-                else:
-                    self.store.append(conn.ident_bytes, channel, seq, ts_ns, recv_ns, payload)
-                    last = seq
-                    stored += 1
-            elif kind == HELLO:
-                self._on_hello(conn, ev[1])
-                return  # the rest is decoded after WELCOME (or never)
-            elif kind == BYE:
-                conn.closing = True
-                self._on_bye(conn)
-            elif kind == CLOSED:
-                self._begin_close(conn, ev[1])
+        append = self.store.append
+        for _, channel, seq, ts_ns, payload in events:
+            if seq <= last:
+                replay = True
+                self.counters["replays"] += 1
+            elif channel not in conn.scope:
+                session.send_nack(seq, ErrorCode.DENIED, f"channel {channel} not in scope")
+            elif busy:
+                session.send_nack(seq, ErrorCode.BUSY, "storage cannot take the frame now")
+            else:
+                append(conn.ident_bytes, channel, seq, ts_ns, recv_ns, payload)
+                last = seq
+                stored += 1
         if stored:
             self.accepted[ident] = last
             self.marks[ident] = last
@@ -388,6 +396,7 @@ class Server:
             session.send_ack(self.durable.get(ident, 0))
 
     def _on_hello(self, conn: Connection, hello: dict) -> None:
+        self._reload_registry()  # an identity added or revoked a moment ago counts already
         identity = authenticate(
             self.registry, hello, conn.session.nonce, trust_on_first_use=self.tofu
         )
@@ -471,15 +480,7 @@ class Server:
     # -- timers -------------------------------------------------------------------
 
     def _sweep(self, now: float) -> None:
-        try:
-            revoked = self.registry.reload_if_changed()
-        except RegistryError as exc:
-            log.error("identities: %s; serving the last good copy", exc)
-            revoked = set()
-        for ident in revoked:
-            conn = self.by_identity.get(ident)
-            if conn is not None and not conn.closing:
-                self._fail(conn, ErrorCode.REVOKED, "identity revoked")
+        self._reload_registry()
         if not self._accepting and not self.stopping and len(self.conns) < self.max_connections:
             self._set_accepting(True)
         idle = self.idle_timeout
@@ -495,6 +496,18 @@ class Server:
                     self._expire(conn, "no HELLO within the handshake timeout")
                 else:
                     self._expire(conn, "idle past the idle timeout")
+
+    def _reload_registry(self) -> None:
+        """Pick up identity changes (one stat when nothing changed); close revoked ones."""
+        try:
+            revoked = self.registry.reload_if_changed()
+        except RegistryError as exc:
+            log.error("identities: %s; serving the last good copy", exc)
+            return
+        for ident in revoked:
+            conn = self.by_identity.get(ident)
+            if conn is not None and not conn.closing:
+                self._fail(conn, ErrorCode.REVOKED, "identity revoked")
 
     def _expire(self, conn: Connection, message: str) -> None:
         if conn.commit_wait is None:  # not when it waits on our own commit

@@ -92,7 +92,7 @@ class ServerSession:
         *,
         server_name: str = "module-ingest",
         max_payload: int = DEFAULT_MAX_PAYLOAD,
-        idle_timeout: int = 60,
+        idle_timeout: float = 60,
     ) -> None:
         self.nonce = nonce
         self.state = State.AWAIT_HELLO
@@ -115,7 +115,10 @@ class ServerSession:
                 "nonce": nonce,
                 "version": 1,
                 "max_payload": max_payload,
-                "idle_timeout": idle_timeout,
+                # whole seconds as an integer, as the examples in PROTOCOL.md show
+                "idle_timeout": int(idle_timeout)
+                if idle_timeout == int(idle_timeout)
+                else idle_timeout,
             },
         )
 
