@@ -119,7 +119,6 @@ class Peer:
             ident, secret, crypto.random_nonce(), fingerprint=fingerprint, mac=mac
         )
         self.events: deque[tuple] = deque()
-        self.early: list[tuple] = []  # ACKs that came before WELCOME
         self.eof = False
         self.eof_at = 0.0
         self.error_at = 0.0
@@ -250,14 +249,11 @@ class Peer:
     def handshake(self) -> tuple:
         """HELLO until WELCOME (whose proof the session verifies); returns the WELCOME event."""
         self.hello()
-        while True:
-            event = self.next_event()
-            assert event is not None, "EOF instead of WELCOME"
-            if event[0] == WELCOME:
-                assert self.session.welcomed
-                return event
-            assert event[0] == ACK, f"expected WELCOME, got {event}"
-            self.early.append(event)
+        event = self.next_event()
+        assert event is not None, "EOF instead of WELCOME"
+        assert event[0] == WELCOME, f"expected WELCOME first, got {event}"
+        assert self.session.welcomed
+        return event
 
     def bye(self) -> int:
         """BYE: the final ACK then EOF; returns the ACK's seq."""
@@ -562,6 +558,20 @@ def test_second_connection_supersedes_the_first(daemon):
     assert stored(daemon) == list(range(1, 52))
     assert second.bye() == 51
     assert_healthy(daemon)
+
+
+def test_superseding_during_a_commit_gets_welcome_before_any_ack(daemon):
+    """The new connection's HELLO arrives while the old one's frames are being
+    committed: it waits for that commit, and its first frame is WELCOME."""
+    first = Peer(daemon, mac="none")
+    first.handshake()
+    big = b"x" * 4096
+    first.send(b"".join(first.frame(DATA, s, big, channel=1) for s in range(1, 1001)))
+    second = Peer(daemon, mac="none")
+    welcome = second.handshake()  # asserts WELCOME is the first event
+    assert welcome[1] == stored(daemon)[-1]  # last_seq is durable: it is in the log
+    second.data(1, 5000)
+    second.expect_ack(5000)
 
 
 def test_revoke_while_connected_closes_with_revoked(daemon_factory):
