@@ -52,7 +52,6 @@ def ensure_dev_identity(config: Config, registry: Registry, out=sys.stdout) -> N
         "id": DEV_IDENTITY,
         "token": token,
         "channels": list(DEV_CHANNELS),
-        "listen": str(config.listen),
     }
     path = config.data_dir / "dev-credentials.json"
     write_private(path, json.dumps(creds, indent=2) + "\n")

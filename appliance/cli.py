@@ -15,7 +15,7 @@ from appliance.auth.registry import KINDS, Registry, RegistryError, parse_channe
 from appliance.client import Client, ClientError
 from appliance.config import ConfigError, parse_address
 from appliance.config import load as load_config
-from appliance.protocol.crypto import MAC_ALGORITHMS
+from appliance.protocol.crypto import MAC_ALGORITHMS, token_to_secret
 from appliance.store.wal import read_records
 
 EXIT_USAGE = 2
@@ -92,13 +92,17 @@ def cmd_identity_revoke(args, config) -> int:
 
 
 def cmd_send(args, config) -> int:
-    address = parse_address(args.connect) if args.connect else config.listen
+    try:
+        address = parse_address(args.connect) if args.connect else config.listen
+        token = args.token or os.environ.get("MODULE_INGEST_TOKEN")
+        if not token:
+            raise CliError("send: give --token or set MODULE_INGEST_TOKEN")
+        token_to_secret(token)
+    except ValueError as exc:
+        raise CliError(f"send: {exc}") from None
     tls = None
     if args.tls_ca:
         tls = ssl.create_default_context(cafile=args.tls_ca)
-    token = args.token or os.environ.get("MODULE_INGEST_TOKEN")
-    if not token:
-        raise CliError("send: give --token or set MODULE_INGEST_TOKEN")
     lines = open(args.file, "rb") if args.file else sys.stdin.buffer  # noqa: SIM115
     count = 0
     with (
@@ -108,7 +112,10 @@ def cmd_send(args, config) -> int:
         ) as client,
     ):
         for line in lines:
-            client.send(args.channel, line.rstrip(b"\r\n"))
+            try:
+                client.send(args.channel, line.rstrip(b"\r\n"))
+            except ValueError as exc:
+                raise CliError(f"send: line {count + 1}: {exc}") from None
             count += 1
         client.flush()
         rejected = list(client.rejected)
@@ -144,8 +151,20 @@ def cmd_dump(args, config) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        """Usage errors in one line, like every other failure."""
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see --help)\n")
+
+
+def _channel(text: str) -> int:
+    if not text.isdigit() or int(text) > 0xFFFF:
+        raise argparse.ArgumentTypeError(f"a channel is 0..65535, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="module-ingest", description=__doc__)
+    parser = _Parser(prog="module-ingest", description=__doc__)
     parser.add_argument("--version", action="version", version=f"module-ingest {__version__}")
     parser.add_argument("--config", help="config file (default: $MODULE_INGEST_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("send", help="send stdin lines (or --file lines) as DATA frames")
     p.add_argument("--id", required=True)
     p.add_argument("--token", help="token (default: $MODULE_INGEST_TOKEN)")
-    p.add_argument("--channel", type=int, required=True)
+    p.add_argument("--channel", type=_channel, required=True)
     p.add_argument("--file")
     p.add_argument("--connect", help="host:port (default: server.listen of the config)")
     p.add_argument("--mac", choices=MAC_ALGORITHMS, default="hmac-sha256")
@@ -188,14 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dump", help="print stored frames as JSON lines")
     p.add_argument("--identity")
-    p.add_argument("--channel", type=int)
-    p.add_argument("--since-seq", type=int)
+    p.add_argument("--channel", type=_channel)
+    p.add_argument("--since-seq", type=int, help="only frames with seq >= N")
     p.set_defaults(func=cmd_dump)
     return parser
 
 
+def _join_token(argv: list[str]) -> list[str]:
+    """`--token T` as `--token=T`: a token may begin with "-", which argparse reads as an option."""
+    out = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--token":
+            arg = "--token=" + next(it, "")
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_token(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

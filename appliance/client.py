@@ -10,6 +10,7 @@ The client keeps every frame until it is acknowledged (at most `max_unacked`;
 itself and resends the frames above WELCOME's `last_seq`; resends are harmless
 because the appliance refuses replays. A frame refused with NACK BUSY is sent
 again under a new seq after a short pause; other NACKs land in `rejected`.
+ERROR TIMEOUT leads to a reconnect; any other ERROR raises ClientError.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from appliance.protocol.frames import ErrorCode, FrameType
 
 RECONNECT_BACKOFF = (0.05, 2.0)  # first and longest pause between reconnect attempts
 BUSY_BACKOFF = 0.2
-# errors after which reconnecting cannot help
-FINAL_ERRORS = {ErrorCode.AUTH_FAILED, ErrorCode.REVOKED, ErrorCode.SUPERSEDED}
+# Reconnecting helps only after TIMEOUT; any other ERROR would come back the same way.
+RETRY_ERRORS = {ErrorCode.TIMEOUT}
 
 
 class ClientError(Exception):
@@ -201,18 +202,18 @@ class Client:
             self._on_welcome(event[1], event[2])
         elif kind == FrameType.ERROR:
             _, code, message = event
-            if code in FINAL_ERRORS:
-                self._drop()
-                raise ClientError(f"{code}: {message}", code)
-            raise ConnectionResetError(f"{code}: {message}")
+            if code in RETRY_ERRORS:
+                raise ConnectionResetError(f"{code}: {message}")
+            self._drop()
+            raise ClientError(f"{code}: {message}", code)
 
-    def _io(self, action, *args):
+    def _io(self, action, *args, **kwargs):
         """Run an I/O step; on a lost connection reconnect once per failure and retry."""
         while True:
             try:
                 if self._sock is None:
                     self._reconnect("not connected")
-                return action(*args)
+                return action(*args, **kwargs)
             except (OSError, ProtocolViolation) as exc:
                 self._reconnect(str(exc))
 
@@ -220,6 +221,11 @@ class Client:
 
     def send(self, channel: int, payload: bytes, ts_ns: int | None = None) -> int:
         """Queue and send one DATA frame; returns its seq. Durable once `acked` reaches it."""
+        if not 0 <= channel <= 0xFFFF:
+            raise ValueError(f"channel {channel} is not 0..65535")
+        limit = self._session.max_payload if self._session else 65536
+        if len(payload) > limit:
+            raise ValueError(f"payload of {len(payload)} bytes exceeds max_payload {limit}")
         if ts_ns is None:
             ts_ns = time.time_ns()
         while len(self._unacked) >= self.max_unacked:

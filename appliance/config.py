@@ -132,6 +132,8 @@ def load(path: str | os.PathLike | None = None, environ: dict | None = None) -> 
                 data = tomllib.load(f)
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: invalid TOML: not UTF-8") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
         for section, keys in data.items():

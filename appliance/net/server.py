@@ -108,8 +108,6 @@ class Server:
         select = self.selector.select
         store = self.store
         while True:
-            if self.stopping and stop_deadline is None:
-                stop_deadline = self._begin_stop()
             timeout = max(0.0, next_sweep - time.monotonic())
             for key, mask in select(timeout):
                 data = key.data
@@ -129,10 +127,12 @@ class Server:
                         self._close(data)
                 else:
                     self._accept(key.fileobj, data[1])
-            if self.marks or store._staged:
+            if self.marks:
                 store.submit(self.marks)
                 self.marks = {}
             if self.stopping:
+                if stop_deadline is None:  # the signal came in during this iteration
+                    stop_deadline = self._begin_stop()
                 if store.pending_bytes() == 0 and not self.commit_waiting:
                     self._finish_stop()
                     return

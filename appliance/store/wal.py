@@ -72,33 +72,34 @@ class Store:
         """Recover the log, then start the committer."""
         self.directory.mkdir(parents=True, exist_ok=True)
         segments = list_segments(self.directory)
+        status = "ok"
         for number, path in segments:
-            self._recover_segment(number, path, newest=number == segments[-1][0])
-        if segments:
+            status = self._recover_segment(number, path, newest=number == segments[-1][0])
+        if not segments:
+            self._start_segment(1)
+        elif status == "ok":
             self._segment, path = segments[-1]
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
             self._size = os.fstat(self._fd).st_size
+        elif status == "empty":
+            self._start_segment(segments[-1][0])  # its header never reached the disk
         else:
-            self._start_segment(1)
+            self._start_segment(segments[-1][0] + 1)  # never append behind a bad header
+        self.bytes_on_disk = sum(path.stat().st_size for _, path in list_segments(self.directory))
         self._thread = threading.Thread(target=self._run, name="wal-commit", daemon=True)
         self._thread.start()
 
-    def _recover_segment(self, number: int, path: Path, *, newest: bool) -> None:
+    def _recover_segment(self, number: int, path: Path, *, newest: bool) -> str:
+        """Rebuild the replay window from one segment; "ok", "empty" (all zero) or "bad"."""
         data = read_segment(path)
-        self.bytes_on_disk += len(data)
         try:
             check_header(data, number)
         except SegmentError as exc:
-            if newest and not data.strip(b"\0"):
-                # the segment's header never reached the disk: nothing in it was acknowledged
-                log.warning("wal: %s has no header (%s); rewriting it empty", path.name, exc)
-                with open(path, "wb") as f:
-                    f.write(encode_header(number, time.time_ns()))
-                    f.flush()
-                    os.fdatasync(f.fileno())
-                return
+            if not data.strip(b"\0"):
+                log.warning("wal: %s has no header (%s) and no data", path.name, exc)
+                return "empty"
             log.error("wal: %s is not a valid segment (%s); its records are skipped", path, exc)
-            return
+            return "bad"
         last = self.last_seq
         end = None
         for item in scan(data, number):
@@ -109,7 +110,7 @@ class Store:
                 last[item.identity] = item.seq
             self.frames += 1
         if end is None:
-            return
+            return "ok"
         if newest:
             log.warning(
                 "wal: %s: %s at offset %d; truncating the torn tail (%d bytes)",
@@ -119,7 +120,6 @@ class Store:
                 len(data) - end.offset,
             )
             os.truncate(path, end.offset)
-            self.bytes_on_disk -= len(data) - end.offset
         else:
             log.error(
                 "wal: %s: %s at offset %d; the rest of this segment is skipped",
@@ -127,6 +127,7 @@ class Store:
                 end.reason,
                 end.offset,
             )
+        return "ok"
 
     def close(self) -> None:
         """Commit what is queued and stop the committer."""
