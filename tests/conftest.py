@@ -18,6 +18,18 @@ LISTENING = re.compile(r"listening on ([0-9.]+):(\d+)")
 START_TIMEOUT = 15.0
 
 
+def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
+    """Poll `condition` until it returns something true (returned) or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.002)
+
+
 def cli(*args: str, data_dir: Path, stdin: bytes | None = None, config: Path | None = None):
     """Run `python -m appliance ARGS` against data_dir; returns the CompletedProcess."""
     env = dict(os.environ, MODULE_INGEST_DATA_DIR=str(data_dir), PYTHONPATH=str(ROOT))

@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli
+from conftest import ROOT, cli, wait_for
 
 from appliance.client import Client, ClientError
 from appliance.protocol import crypto
@@ -70,17 +70,6 @@ def show(result) -> dict:
     text = ok(result)
     assert text.startswith("# effective configuration (from ")
     return tomllib.loads(text)
-
-
-def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def mode(path: Path) -> int:

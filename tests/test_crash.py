@@ -16,7 +16,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import cli
+from conftest import cli, wait_for
 
 from appliance.client import Client
 from appliance.store.wal import read_records
@@ -25,17 +25,6 @@ DEV = "dev/core-0"
 CORE = "m-1/core-1"
 CLIENT_TIMEOUT = 20.0  # covers a daemon restart, with room to spare on a slow machine
 ROUND_TIMEOUT = 15.0  # for ACKs to advance in one round
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.002)
 
 
 class CountingClient(Client):

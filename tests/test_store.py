@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from appliance.store.segment import (
     SEGMENT_HEADER,
@@ -20,17 +20,6 @@ from appliance.store.segment import (
 from appliance.store.wal import Store, read_records
 
 WAIT = 10.0  # deadline for a commit (fdatasync on a slow CI disk)
-
-
-def wait_for(condition, timeout: float = WAIT, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
 
 
 class Harness:
