@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hw.profiles import PROFILES
+from hw.profiles import detect as detect_profile
+
 ENV_CONFIG = "MODULE_INGEST_CONFIG"
 ENV_LISTEN = "MODULE_INGEST_LISTEN"
 ENV_DATA_DIR = "MODULE_INGEST_DATA_DIR"
@@ -52,6 +55,37 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, float | None]]] = {
         "trust_on_first_use": (bool, False, None),
         "dev_identity": (bool, True, None),
     },
+    "log": {
+        "format": (str, "logfmt", None),
+        "level": (str, "info", None),
+        "file": (str, "", None),
+        "file_max_bytes": (int, 10 * 1024 * 1024, 4096),
+        "file_backups": (int, 3, 0),
+        "buffer_lines": (int, 1000, 1),
+    },
+    "stats": {
+        "socket": (str, "stats.sock", None),
+        "tcp": (str, "", None),
+    },
+    "console": {
+        "port": (str, "", None),
+        "baud": (int, 115200, 50),
+        "idle_logout": (float, 300.0, 1),
+    },
+    "watchdog": {
+        "stall_seconds": (float, 10.0, 0.1),
+        "device": (str, "", None),
+    },
+    "board": {
+        "profile": (str, "auto", None),
+    },
+}
+
+# keys whose value is one of a few words
+CHOICES: dict[str, tuple[str, ...]] = {
+    "log.format": ("logfmt", "json"),
+    "log.level": ("debug", "info", "warning", "error"),
+    "board.profile": ("auto", *PROFILES),
 }
 
 
@@ -111,20 +145,26 @@ def _check(section: str, key: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {name} must be {kind.__name__}, got {value!r}")
     if low is not None and value < low:
         raise ConfigError(f"{where}: {name} must be >= {low}, got {value!r}")
-    if key == "listen":
+    if key in ("listen", "tcp") and (value or key == "listen"):
         try:
             parse_address(value)
         except ValueError as exc:
             raise ConfigError(f"{where}: {name}: {exc}") from None
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ConfigError(
+            f"{where}: {name} must be one of {', '.join(CHOICES[name])}, got {value!r}"
+        )
     return value
 
 
 def load(path: str | os.PathLike | None = None, environ: dict | None = None) -> Config:
-    """Defaults, then the file (`path`, else $MODULE_INGEST_CONFIG), then the environment."""
+    """Defaults, the board profile, the file (`path`, else $MODULE_INGEST_CONFIG), then
+    the environment."""
     env = os.environ if environ is None else environ
     values = {s: {k: spec[1] for k, spec in keys.items()} for s, keys in SCHEMA.items()}
     path = path or env.get(ENV_CONFIG) or None
     source = "embedded defaults"
+    data: dict = {}
     if path:
         source = str(path)
         try:
@@ -139,10 +179,17 @@ def load(path: str | os.PathLike | None = None, environ: dict | None = None) -> 
         for section, keys in data.items():
             if section not in SCHEMA or not isinstance(keys, dict):
                 raise ConfigError(f"{path}: unknown section [{section}]")
-            for key, value in keys.items():
+            for key in keys:
                 if key not in SCHEMA[section]:
                     raise ConfigError(f"{path}: unknown key {section}.{key}")
-                values[section][key] = _check(section, key, value, str(path))
+    profile = data.get("board", {}).get("profile", "auto")
+    _check("board", "profile", profile, str(path))
+    values["board"]["profile"] = detect_profile() if profile == "auto" else profile
+    for section, keys in PROFILES[values["board"]["profile"]].items():
+        values[section].update(keys)
+    for section, keys in data.items():
+        for key, value in keys.items():
+            values[section][key] = _check(section, key, value, str(path))
     for var, section, key in (
         (ENV_LISTEN, "server", "listen"),
         (ENV_DATA_DIR, "storage", "data_dir"),

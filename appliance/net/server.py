@@ -19,6 +19,8 @@ import signal
 import socket
 import ssl
 import time
+from collections import Counter
+from collections.abc import Callable
 
 from appliance.auth.handshake import authenticate
 from appliance.auth.registry import Registry, RegistryError
@@ -62,7 +64,13 @@ class Server:
         self.paused: set[Connection] = set()
         self.commit_waiting: set[Connection] = set()
         self.listeners: list[tuple[socket.socket, ssl.SSLContext | None]] = []
-        self.counters: dict[str, int] = {"frames": 0, "replays": 0, "connections": 0}
+        # frames, bytes_in, replays, connections, nack.CODE, error.CODE (read by telemetry)
+        self.counters: Counter[str] = Counter()
+        self.frames_by_identity: Counter[str] = Counter()
+        self.started = time.monotonic()
+        # extension points for telemetry, the console and the watchdog: they run in this loop
+        self.sweep_hooks: list[Callable[[float], None]] = []
+        self.stop_hooks: list[Callable[[], None]] = []
         self.stopping = False
         self._accepting = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -93,7 +101,7 @@ class Server:
         self._accepting = on
         for lsock, ctx in self.listeners:
             if on:
-                self.selector.register(lsock, READ, ("listen", ctx))
+                self.selector.register(lsock, READ, (lsock, ctx))
             else:
                 self.selector.unregister(lsock)
 
@@ -125,8 +133,10 @@ class Server:
                             "conn %s (%s): internal error; closing", data.addr, data.identity
                         )
                         self._close(data)
+                elif type(data) is tuple:
+                    self._accept(*data)
                 else:
-                    self._accept(key.fileobj, data[1])
+                    data(mask)  # a watched file: stats socket, serial console
             if self.marks:
                 store.submit(self.marks)
                 self.marks = {}
@@ -148,6 +158,30 @@ class Server:
     def _on_signal(self, signum, frame) -> None:
         self.stopping = True
 
+    # -- for the extensions (all called on the loop thread) ---------------------
+
+    def watch(self, fileobj, events: int, callback: Callable[[int], None]) -> None:
+        """Run `callback(mask)` in the loop when `fileobj` is ready."""
+        self.selector.register(fileobj, events, callback)
+
+    def unwatch(self, fileobj) -> None:
+        self.selector.unregister(fileobj)
+
+    def connection_for(self, ident: str) -> Connection | None:
+        return self.by_identity.get(ident)
+
+    def disconnect(self, ident: str) -> bool:
+        """Close an identity's connection at once (the console's kick); False if none."""
+        conn = self.by_identity.get(ident)
+        if conn is None:
+            return False
+        self._close(conn)
+        return True
+
+    def refresh_identities(self) -> None:
+        """Apply registry changes now (revocations close their connections)."""
+        self._reload_registry()
+
     def _begin_stop(self) -> float:
         log.info("stop: no longer accepting; committing and acknowledging")
         self._set_accepting(False)
@@ -159,6 +193,8 @@ class Server:
 
     def _finish_stop(self) -> None:
         self._drain_wakeups()
+        for hook in self.stop_hooks:
+            hook()
         for conn in list(self.conns.values()):
             conn.flush()
             self._close(conn)
@@ -241,6 +277,7 @@ class Server:
                 server_name=self.config.server["name"],
                 max_payload=self.max_payload,
                 idle_timeout=self.idle_timeout,
+                counters=self.counters,
             )
             conn = Connection(sock, addr, session, time.monotonic() + self.handshake_timeout)
             self.conns[conn.fd] = conn
@@ -340,6 +377,7 @@ class Server:
         if not data:
             self._close(conn)
             return
+        self.counters["bytes_in"] += len(data)
         if conn.closing:
             return  # discarded: the ERROR (or final ACK) is on its way
         self._handle(conn, conn.session.receive_data(data))
@@ -392,6 +430,7 @@ class Server:
             self.accepted[ident] = last
             self.marks[ident] = last
             self.counters["frames"] += stored
+            self.frames_by_identity[ident] += stored
         if replay:
             session.send_ack(self.durable.get(ident, 0))
 
@@ -481,6 +520,8 @@ class Server:
 
     def _sweep(self, now: float) -> None:
         self._reload_registry()
+        for hook in self.sweep_hooks:
+            hook(now)
         if not self._accepting and not self.stopping and len(self.conns) < self.max_connections:
             self._set_accepting(True)
         idle = self.idle_timeout

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from enum import Enum
 
 from appliance.protocol import crypto
@@ -93,6 +94,7 @@ class ServerSession:
         server_name: str = "module-ingest",
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         idle_timeout: float = 60,
+        counters: Counter | None = None,
     ) -> None:
         self.nonce = nonce
         self.state = State.AWAIT_HELLO
@@ -100,6 +102,8 @@ class ServerSession:
         self.mac_algorithm: str | None = None
         self.frames_seen = 0
         self.close_code: str | None = None
+        # NACKs and ERRORs sent, by code: "nack.BAD_CRC", "error.TIMEOUT", ...
+        self.counters = Counter() if counters is None else counters
         self._hello: dict | None = None
         self._out = bytearray()
         dec = self._decoder = FrameDecoder(max_payload)
@@ -144,7 +148,7 @@ class ServerSession:
             valid -= 1
             if kind == REJECT:
                 _, code, seq = item
-                out += encode_nack(seq, code, _NACK_MESSAGES[code])
+                self.send_nack(seq, code, _NACK_MESSAGES[code])
                 continue
             if kind == FATAL:
                 events.append(self._close(item[1], item[2], send=True))
@@ -203,6 +207,7 @@ class ServerSession:
             self.close_code = code
             self._decoder.close()
             if send:
+                self.counters["error." + code] += 1
                 self._out += encode_error(code, message)
         return (CLOSED, code, message)
 
@@ -212,6 +217,7 @@ class ServerSession:
         self._out += encode_ack(seq)
 
     def send_nack(self, seq: int, code: str, message: str) -> None:
+        self.counters["nack." + code] += 1
         self._out += encode_nack(seq, code, message)
 
     def data_to_send(self) -> bytearray:

@@ -53,6 +53,9 @@ class Store:
         self.frames = 0
         self.bytes_on_disk = 0  # segment bytes, for the quota
         self.commit_error: str | None = None
+        self.commits = 0
+        self.commit_seconds: deque[float] = deque(maxlen=1024)  # recent write+fdatasync times
+        self.commit_started: float | None = None  # monotonic start of the commit in flight
         # called from the committer thread after each commit; the loop sets it
         self.wakeup: Callable[[], None] = lambda: None
         self._staged = bytearray()
@@ -159,6 +162,11 @@ class Store:
             self._queued_bytes += len(staged)
             self._cond.notify()
 
+    def stalled_for(self, now: float) -> float:
+        """Seconds the commit in flight has been running (0 when none is): the watchdog's input."""
+        started = self.commit_started
+        return 0.0 if started is None else now - started
+
     def pending_bytes(self) -> int:
         """Bytes handed to the committer and not yet durable: the loop's backpressure signal."""
         return self._queued_bytes + len(self._staged)
@@ -180,6 +188,7 @@ class Store:
                 if not self._queue:
                     return
                 batch, marks, size = self._take()
+            self.commit_started = started = time.monotonic()
             while True:
                 try:
                     self._write(batch)
@@ -190,6 +199,9 @@ class Store:
                     log.error("wal: commit failed: %s; retrying", self.commit_error)
                     time.sleep(RETRY_DELAY)
             self.commit_error = None
+            self.commit_seconds.append(time.monotonic() - started)
+            self.commits += 1
+            self.commit_started = None
             with self._cond:
                 # marks first: once pending_bytes() reads 0, completed() has them
                 self._done.append(marks)

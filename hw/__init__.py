@@ -1,0 +1,1 @@
+"""The board edge: fingerprint, watchdog and sd_notify, board profiles."""
