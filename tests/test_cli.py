@@ -17,7 +17,9 @@ import pytest
 from conftest import ROOT, cli, wait_for
 
 from appliance.client import Client, ClientError
+from appliance.config import SCHEMA
 from appliance.protocol import crypto
+from hw.profiles import PROFILES, detect
 
 TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
 DUMP_KEYS = {"id", "channel", "seq", "ts_ns", "recv_ns", "payload_b64"}
@@ -335,7 +337,32 @@ def test_config_show_prints_the_defaults(tmp_path):
     assert values["server"]["max_payload"] == 65536
     assert values["storage"]["data_dir"] == "./data"
     assert values["auth"]["dev_identity"] is True
-    assert set(values) == {"server", "tls", "storage", "auth"}
+    assert set(values) == set(SCHEMA)
+
+
+def test_a_board_profile_sits_between_defaults_and_the_file(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('[board]\nprofile = "rpi4"\n')
+    values = show(run("config", "show", env={"MODULE_INGEST_CONFIG": str(config)}))
+    assert values["board"]["profile"] == "rpi4"
+    assert values["storage"]["segment_bytes"] == PROFILES["rpi4"]["storage"]["segment_bytes"]
+    config.write_text('[board]\nprofile = "rpi4"\n[storage]\nsegment_bytes = 1048576\n')
+    values = show(run("config", "show", env={"MODULE_INGEST_CONFIG": str(config)}))
+    assert values["storage"]["segment_bytes"] == 1048576
+    config.write_text('[board]\nprofile = "toaster"\n')
+    result = run("config", "show", env={"MODULE_INGEST_CONFIG": str(config)})
+    assert result.returncode == 2
+    err = result.stderr.decode()
+    assert err.count("\n") == 1 and "board.profile" in err and str(config) in err, err
+
+
+def test_profile_detection_reads_the_device_tree_model(tmp_path):
+    model = tmp_path / "model"
+    model.write_bytes(b"Raspberry Pi 5 Model B Rev 1.0\0")
+    assert detect(model) == "rpi5"
+    model.write_bytes(b"NVIDIA Jetson AGX Orin Developer Kit\0")
+    assert detect(model) == "jetson-orin"
+    assert detect(tmp_path / "missing") in ("generic-x86", "generic")
 
 
 def test_config_show_reflects_the_environment(tmp_path):
