@@ -70,6 +70,33 @@ def raise_fd_limit() -> int:
     return hard
 
 
+def open_store(config: Config) -> Store:
+    """The store as configured, recovered and committing."""
+    storage = config.storage
+    store = Store(
+        wal_dir(config.data_dir),
+        **{key: storage[key] for key in STORE_KEYS},
+    )
+    store.open()
+    log.info("store: recovered in %.3f s", store.recovery_seconds)
+    return store
+
+
+STORE_KEYS = (
+    "segment_bytes",
+    "ring_bytes",
+    "commit_delay",
+    "commit_max_bytes",
+    "checkpoint_bytes",
+    "checkpoint_seconds",
+    "quota_bytes",
+    "min_free_bytes",
+    "retention_bytes",
+    "retention_seconds",
+    "overflow",
+)
+
+
 def serve(config: Config) -> int:
     limit = raise_fd_limit()
     if limit < config.server["max_connections"] + 64:  # listeners, segments, registry
@@ -82,13 +109,7 @@ def serve(config: Config) -> int:
     registry = Registry(registry_path(config.data_dir))
     registry.load()
     ensure_dev_identity(config, registry)
-    storage = config.storage
-    store = Store(
-        wal_dir(config.data_dir),
-        segment_bytes=storage["segment_bytes"],
-        commit_max_bytes=storage["commit_max_bytes"],
-    )
-    store.open()
+    store = open_store(config)
     server = Server(config, registry, store)
     store.wakeup = server.wakeup
     addresses = server.bind()

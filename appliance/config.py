@@ -46,10 +46,17 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, float | None]]] = {
     },
     "storage": {
         "data_dir": (str, "./data", None),
-        "segment_bytes": (int, 64 * 1024 * 1024, 4096),
-        "commit_max_bytes": (int, 4 * 1024 * 1024, 4096),
-        "pending_max_bytes": (int, 16 * 1024 * 1024, 4096),
+        "segment_bytes": (int, 64 * 1024 * 1024, 1024 * 1024),
+        "ring_bytes": (int, 16 * 1024 * 1024, 1024 * 1024),
+        "commit_delay": (float, 0.001, 0),
+        "commit_max_bytes": (int, 4 * 1024 * 1024, 65536),
+        "checkpoint_bytes": (int, 32 * 1024 * 1024, 65536),
+        "checkpoint_seconds": (float, 10.0, 0.1),
         "quota_bytes": (int, 0, 0),
+        "min_free_bytes": (int, 0, 0),
+        "retention_bytes": (int, 0, 0),
+        "retention_seconds": (float, 0.0, 0),
+        "overflow": (str, "block", None),
     },
     "auth": {
         "trust_on_first_use": (bool, False, None),
@@ -84,6 +91,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, float | None]]] = {
 # keys whose value is one of a few words
 CHOICES: dict[str, tuple[str, ...]] = {
     "log.format": ("logfmt", "json"),
+    "storage.overflow": ("block", "drop-oldest"),
     "log.level": ("debug", "info", "warning", "error"),
     "board.profile": ("auto", *PROFILES),
 }
@@ -199,4 +207,6 @@ def load(path: str | os.PathLike | None = None, environ: dict | None = None) -> 
             source += f" + ${var}"
     if values["tls"]["enabled"] and not (values["tls"]["cert"] and values["tls"]["key"]):
         raise ConfigError(f"{source}: tls.enabled needs tls.cert and tls.key")
+    if values["storage"]["ring_bytes"] < 4 * values["server"]["recv_bytes"]:
+        raise ConfigError(f"{source}: storage.ring_bytes must be >= 4 * server.recv_bytes")
     return Config(values, source)

@@ -17,27 +17,27 @@ MiB = 1024 * 1024
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "generic": {},
     "generic-x86": {
-        "storage": {"segment_bytes": 64 * MiB, "pending_max_bytes": 16 * MiB},
+        "storage": {"segment_bytes": 64 * MiB, "ring_bytes": 16 * MiB},
         "server": {"max_connections": 16384},
     },
     "rpi4": {
-        "storage": {"segment_bytes": 16 * MiB, "pending_max_bytes": 8 * MiB},
+        "storage": {"segment_bytes": 16 * MiB, "ring_bytes": 8 * MiB},
         "server": {"max_connections": 4096},
     },
     "rpi5": {
-        "storage": {"segment_bytes": 32 * MiB, "pending_max_bytes": 16 * MiB},
+        "storage": {"segment_bytes": 32 * MiB, "ring_bytes": 16 * MiB},
         "server": {"max_connections": 8192},
     },
     "jetson-orin": {
-        "storage": {"segment_bytes": 64 * MiB, "pending_max_bytes": 32 * MiB},
+        "storage": {"segment_bytes": 64 * MiB, "ring_bytes": 32 * MiB},
         "server": {"max_connections": 16384},
     },
     "imx8": {
-        "storage": {"segment_bytes": 16 * MiB, "pending_max_bytes": 8 * MiB},
+        "storage": {"segment_bytes": 16 * MiB, "ring_bytes": 8 * MiB},
         "server": {"max_connections": 4096},
     },
     "zynq": {
-        "storage": {"segment_bytes": 8 * MiB, "pending_max_bytes": 4 * MiB},
+        "storage": {"segment_bytes": 8 * MiB, "ring_bytes": 4 * MiB},
         "server": {"max_connections": 2048},
     },
 }

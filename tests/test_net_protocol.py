@@ -204,10 +204,10 @@ class Peer:
         assert self.eof_at - self.error_at < PROMPT, "no prompt EOF after the ERROR"
         return last[2]
 
-    def sync(self, seq: int = 0xC0FFEE) -> list[tuple]:
-        """PING and wait for its PONG: the daemon has handled all sent before. Returns the
-        events that came first."""
-        self.send(self.frame(PING, seq))
+    def sync(self, seq: int = 0xC0FFEE, before: bytes = b"") -> list[tuple]:
+        """PING (after `before`, in one write) and wait for its PONG: the daemon has handled
+        all sent before. Returns the events that came first."""
+        self.send(before + self.frame(PING, seq))
         events = []
         while (event := self.next_event()) != (PONG, seq):
             assert event is not None and event[0] != ERROR, f"before PONG {seq}: {event}"
@@ -699,23 +699,32 @@ def test_channel_outside_scope_is_denied_and_not_stored(daemon_factory):
 
 
 def test_quota_reached_is_busy_and_not_stored(daemon_factory):
-    d = daemon_factory("[storage]\nquota_bytes = 8192\n")
+    """Segments are 1 MiB, preallocated; a 2.5 MiB quota leaves no room for a third, so
+    frames that would need it get BUSY, and nothing is stored past that point."""
+    d = daemon_factory(
+        "[storage]\nquota_bytes = 2621440\nsegment_bytes = 1048576\nring_bytes = 1048576\n"
+    )
     peer = Peer(d, mac="hmac-sha256")
     peer.handshake()
     busy_seq = None
-    for seq in range(1, 40):
-        peer.data(1, seq, bytes([seq]) * 1000)
-        event = peer.next_event()
-        if event[0] == NACK:
-            assert event[1:3] == (seq, ErrorCode.BUSY), event
-            busy_seq = seq
-            break
-        assert event == (ACK, seq)
-    assert busy_seq is not None and 5 <= busy_seq <= 10, busy_seq
-    # still full: refused again, and the connection stays open
-    peer.data(1, busy_seq + 1, b"small")
-    peer.expect_nack(busy_seq + 1, ErrorCode.BUSY)
-    assert peer.sync() == []
+    seq = 0
+    while busy_seq is None and seq < 4000:
+        batch = range(seq + 1, seq + 51)
+        frames = b"".join(peer.frame(DATA, s, bytes([s % 251]) * 1000, channel=1) for s in batch)
+        # one write: a refused frame pauses reading, but the PING in the same read is answered
+        for event in peer.sync(before=frames):
+            if event[0] == NACK and busy_seq is None:
+                assert event[2] == ErrorCode.BUSY, event
+                busy_seq = event[1]
+        seq = batch[-1]
+    # two segments of 1 MiB hold about 2000 records of 1 KiB
+    assert busy_seq is not None and 1500 <= busy_seq <= 2100, busy_seq
+    assert stored(d) == list(range(1, busy_seq))
+    # after a reconnect the core is refused again, and its connection stays open
+    again = Peer(d, mac="none")
+    again.handshake()
+    again.data(2, seq + 1, b"small")
+    again.expect_nack(seq + 1, ErrorCode.BUSY)
     assert stored(d) == list(range(1, busy_seq))
     assert_healthy(d)
 

@@ -52,8 +52,8 @@ class Server:
         self.recv_bytes = srv["recv_bytes"]
         self.send_limit = srv["send_buffer_limit"]
         self.max_connections = srv["max_connections"]
-        self.pending_max = config.storage["pending_max_bytes"]
-        self.quota = config.storage["quota_bytes"]
+        # stop reading sockets while the ring has less room than a few reads can fill
+        self.pending_max = store.ring_bytes - 3 * self.recv_bytes
         self.tofu = config.auth["trust_on_first_use"]
         self.selector = selectors.DefaultSelector()
         self.conns: dict[int, Connection] = {}
@@ -61,6 +61,7 @@ class Server:
         self.accepted: dict[str, int] = dict(store.last_seq)  # replay window: highest stored seq
         self.durable: dict[str, int] = dict(store.last_seq)
         self.marks: dict[str, int] = {}  # this iteration's highest accepted seq per identity
+        self.marked_frames = 0  # frames appended this iteration
         self.paused: set[Connection] = set()
         self.commit_waiting: set[Connection] = set()
         self.listeners: list[tuple[socket.socket, ssl.SSLContext | None]] = []
@@ -138,8 +139,9 @@ class Server:
                 else:
                     data(mask)  # a watched file: stats socket, serial console
             if self.marks:
-                store.submit(self.marks)
+                store.submit(self.marks, self.marked_frames)
                 self.marks = {}
+                self.marked_frames = 0
             if self.stopping:
                 if stop_deadline is None:  # the signal came in during this iteration
                     stop_deadline = self._begin_stop()
@@ -231,14 +233,17 @@ class Server:
                     self._final_ack(conn)
                 else:
                     self._welcome(conn)
-        if (
-            self.paused
-            and not self.stopping
-            and self.store.pending_bytes() <= self.pending_max // 2
-        ):
-            for conn in list(self.paused):
-                if conn.commit_wait is None and len(conn.out) <= self.send_limit:
-                    self._resume(conn)
+        self._resume_paused()
+
+    def _resume_paused(self) -> None:
+        """Read again from paused sockets once the ring has room. A core refused with BUSY
+        is read again at most once per sweep or commit while the store stays full."""
+        store = self.store
+        if not self.paused or self.stopping or store.pending_bytes() > self.pending_max // 2:
+            return
+        for conn in list(self.paused):
+            if conn.commit_wait is None and len(conn.out) <= self.send_limit:
+                self._resume(conn)
 
     def _committed(self, ident: str) -> bool:
         """Whether every frame accepted for `ident` is durable."""
@@ -411,6 +416,7 @@ class Server:
         session = conn.session
         replay = False
         stored = 0
+        refused = False
         busy = self._busy()
         recv_ns = time.time_ns()
         append = self.store.append
@@ -420,15 +426,18 @@ class Server:
                 self.counters["replays"] += 1
             elif channel not in conn.scope:
                 session.send_nack(seq, ErrorCode.DENIED, f"channel {channel} not in scope")
-            elif busy:
+            elif busy or not append(conn.ident_bytes, channel, seq, ts_ns, recv_ns, payload):
                 session.send_nack(seq, ErrorCode.BUSY, "storage cannot take the frame now")
+                refused = True
             else:
-                append(conn.ident_bytes, channel, seq, ts_ns, recv_ns, payload)
                 last = seq
                 stored += 1
+        if refused:
+            self._pause(conn)  # until space returns (the sweep looks)
         if stored:
             self.accepted[ident] = last
             self.marks[ident] = last
+            self.marked_frames += stored
             self.counters["frames"] += stored
             self.frames_by_identity[ident] += stored
         if replay:
@@ -482,11 +491,9 @@ class Server:
         self._flush(conn)
 
     def _busy(self) -> bool:
-        """Whether new DATA gets NACK BUSY: the disk refuses writes, or the quota is reached."""
-        store = self.store
-        if store.commit_error is not None:
-            return True
-        return bool(self.quota) and store.bytes_on_disk + store.pending_bytes() >= self.quota
+        """Whether new DATA gets NACK BUSY: the disk refuses writes. (A full store refuses
+        in append, when a frame would need a new segment.)"""
+        return self.store.commit_error is not None
 
     def _fail(self, conn: Connection, code: str, message: str) -> None:
         """Send ERROR `code` and close the connection the way PROTOCOL.md §7 says."""
@@ -520,6 +527,7 @@ class Server:
 
     def _sweep(self, now: float) -> None:
         self._reload_registry()
+        self._resume_paused()  # also after BUSY, when no commit wakes the loop
         for hook in self.sweep_hooks:
             hook(now)
         if not self._accepting and not self.stopping and len(self.conns) < self.max_connections:

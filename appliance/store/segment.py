@@ -9,14 +9,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+BLOCK = 4096
+DATA_START = BLOCK  # the header has the first block to itself: batches stay block-aligned
 SEGMENT_MAGIC = b"MIWAL\r\n\x1a"
 SEGMENT_VERSION = 1
-SEGMENT_HEADER = struct.Struct(">8sHHIQQ")
-RECORD_PREFIX = struct.Struct(">II")  # crc, length
-RECORD_FIELDS = struct.Struct(">IQQQHH")  # length, recv_ns, ts_ns, seq, channel, id_len
-FIELDS_SIZE = RECORD_FIELDS.size - 4  # what `length` counts besides id and payload
-ID_OFFSET = 4 + RECORD_FIELDS.size  # crc, then the fields
+# magic, version, flags, reserved, segment, created_ns, segment_bytes, crc of the preceding
+SEGMENT_HEADER = struct.Struct(">8sHHIQQQI")
+PREFIX = struct.Struct(">II")  # crc, length
+# length, type, reserved, channel, id_len, reserved, recv_ns, ts_ns, seq
+FRAME_FIELDS = struct.Struct(">IBBHHHQQQ")
+FRAME_HEAD = 4 + FRAME_FIELDS.size  # crc + fields: where the identity starts
+TYPE_FRAME = 1
+TYPE_PAD = 2
+MIN_PAD = 9  # crc, length, type
 SUFFIX = ".wal"
+QUARANTINE_SUFFIX = ".wal.quarantined"
 
 
 class SegmentError(Exception):
@@ -33,14 +40,20 @@ class Record:
     ts_ns: int
     recv_ns: int
     payload: bytes
+    end: int  # offset just past this record: the cursor position after reading it
 
 
 @dataclass(frozen=True, slots=True)
 class ScanEnd:
-    """Where and why the valid part of a segment ended before the end of the file."""
+    """Where and why the valid data of a segment ended.
+
+    `clean` is True at the normal end (zero bytes of the preallocated tail, or the
+    end of the file); False at a bad record: a torn write or corruption.
+    """
 
     offset: int
     reason: str
+    clean: bool
 
 
 def segment_name(number: int) -> str:
@@ -61,30 +74,22 @@ def list_segments(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def encode_header(number: int, created_ns: int) -> bytes:
-    return SEGMENT_HEADER.pack(SEGMENT_MAGIC, SEGMENT_VERSION, 0, 0, number, created_ns)
-
-
-def encode_record(
-    ident: bytes, channel: int, seq: int, ts_ns: int, recv_ns: int, payload: bytes
-) -> bytes:
-    body = (
-        RECORD_FIELDS.pack(
-            FIELDS_SIZE + len(ident) + len(payload), recv_ns, ts_ns, seq, channel, len(ident)
-        )
-        + ident
-        + payload
-    )
-    return zlib.crc32(body).to_bytes(4, "big") + body
+def encode_header(number: int, created_ns: int, segment_bytes: int) -> bytes:
+    head = SEGMENT_HEADER.pack(
+        SEGMENT_MAGIC, SEGMENT_VERSION, 0, 0, number, created_ns, segment_bytes, 0
+    )[:-4]
+    return (head + zlib.crc32(head).to_bytes(4, "big")).ljust(DATA_START, b"\0")
 
 
 def check_header(data: bytes, number: int | None = None) -> int:
-    """The segment number in a header; SegmentError if the header is not ours."""
+    """The segment number in a header; SegmentError if the header is not ours or damaged."""
     if len(data) < SEGMENT_HEADER.size:
         raise SegmentError("shorter than a segment header")
-    magic, version, _flags, _res, seg, _created = SEGMENT_HEADER.unpack_from(data)
+    magic, version, _flags, _res, seg, _created, _size, crc = SEGMENT_HEADER.unpack_from(data)
     if magic != SEGMENT_MAGIC:
         raise SegmentError("bad segment magic")
+    if zlib.crc32(data[: SEGMENT_HEADER.size - 4]) != crc:
+        raise SegmentError("segment header CRC mismatch")
     if version != SEGMENT_VERSION:
         raise SegmentError(f"unknown segment version {version}")
     if number is not None and seg != number:
@@ -92,35 +97,127 @@ def check_header(data: bytes, number: int | None = None) -> int:
     return seg
 
 
-def scan(data: bytes, number: int, start: int = SEGMENT_HEADER.size) -> Iterator[Record | ScanEnd]:
-    """Records from `start`; a final ScanEnd if the valid part ends before the data does."""
+def encode_frame_record(
+    ident: bytes, channel: int, seq: int, ts_ns: int, recv_ns: int, payload: bytes
+) -> bytes:
+    body = (
+        FRAME_FIELDS.pack(
+            FRAME_HEAD - 8 + len(ident) + len(payload),
+            TYPE_FRAME,
+            0,
+            channel,
+            len(ident),
+            0,
+            recv_ns,
+            ts_ns,
+            seq,
+        )
+        + ident
+        + payload
+    )
+    return zlib.crc32(body).to_bytes(4, "big") + body
+
+
+def encode_padding(size: int) -> bytes:
+    """A padding record of exactly `size` bytes (at least MIN_PAD)."""
+    body = (size - 8).to_bytes(4, "big") + bytes([TYPE_PAD]) + bytes(size - MIN_PAD)
+    return zlib.crc32(body).to_bytes(4, "big") + body
+
+
+def padding_to_block(offset: int) -> int:
+    """Bytes of padding that bring `offset` to a block boundary (0, or at least MIN_PAD)."""
+    gap = -offset % BLOCK
+    if gap and gap < MIN_PAD:
+        gap += BLOCK
+    return gap
+
+
+def scan(
+    data: bytes, number: int, start: int = DATA_START, end: int | None = None
+) -> Iterator[Record | ScanEnd]:
+    """Frame records from `start`, skipping padding; then one ScanEnd saying where and why
+    the valid data ended (unless it ran to `end` exactly)."""
     pos = start
-    end = len(data)
+    end = len(data) if end is None else end
     with memoryview(data) as mv:
         while pos < end:
-            if end - pos < RECORD_PREFIX.size:
-                yield ScanEnd(pos, "torn record prefix")
+            if end - pos < PREFIX.size:
+                if not any(mv[pos:end]):
+                    yield ScanEnd(pos, "end of data", True)
+                else:
+                    yield ScanEnd(pos, "torn record prefix", False)
                 return
-            crc, length = RECORD_PREFIX.unpack_from(data, pos)
-            if length < FIELDS_SIZE or pos + 8 + length > end:
-                yield ScanEnd(pos, "bad or torn record length")
+            crc, length = PREFIX.unpack_from(data, pos)
+            if crc == 0 and length == 0:
+                yield ScanEnd(pos, "end of data", True)
+                return
+            if length < 1 or pos + 8 + length > end:
+                yield ScanEnd(pos, "bad or torn record length", False)
                 return
             if zlib.crc32(mv[pos + 4 : pos + 8 + length]) != crc:
-                yield ScanEnd(pos, "CRC mismatch")
+                yield ScanEnd(pos, "CRC mismatch", False)
                 return
-            _, recv_ns, ts_ns, seq, channel, id_len = RECORD_FIELDS.unpack_from(data, pos + 4)
-            id_end = pos + ID_OFFSET + id_len
-            yield Record(
-                number,
-                pos,
-                bytes(mv[pos + ID_OFFSET : id_end]).decode("utf-8", "replace"),
-                channel,
-                seq,
-                ts_ns,
-                recv_ns,
-                bytes(mv[id_end : pos + 8 + length]),
-            )
+            kind = data[pos + 8]
+            if kind == TYPE_FRAME and length >= FRAME_HEAD - 8:
+                _, _, _, channel, id_len, _, recv_ns, ts_ns, seq = FRAME_FIELDS.unpack_from(
+                    data, pos + 4
+                )
+                id_end = pos + FRAME_HEAD + id_len
+                yield Record(
+                    number,
+                    pos,
+                    bytes(mv[pos + FRAME_HEAD : id_end]).decode("utf-8", "replace"),
+                    channel,
+                    seq,
+                    ts_ns,
+                    recv_ns,
+                    bytes(mv[id_end : pos + 8 + length]),
+                    pos + 8 + length,
+                )
+            elif kind != TYPE_PAD:
+                yield ScanEnd(pos, f"unknown record type {kind}", False)
+                return
             pos += 8 + length
+
+
+def resync(data: bytes, start: int) -> int | None:
+    """The first block boundary after `start` where a valid record begins, or None.
+
+    Commits are block-aligned, so after a damaged stretch the next good batch
+    starts on a block boundary."""
+    pos = start - start % BLOCK + BLOCK
+    while pos + PREFIX.size <= len(data):
+        crc, length = PREFIX.unpack_from(data, pos)
+        if (
+            length
+            and pos + 8 + length <= len(data)
+            and zlib.crc32(memoryview(data)[pos + 4 : pos + 8 + length]) == crc
+        ):
+            return pos
+        pos += BLOCK
+    return None
+
+
+def scan_all(data: bytes, number: int, start: int = DATA_START):
+    """Every good record of a damaged segment: scan, and after each bad stretch resync.
+
+    Yields records and ScanEnds; a ScanEnd with clean=False is followed by more
+    records when the segment has good data after the damage."""
+    pos = start
+    while True:
+        end = None
+        for item in scan(data, number, pos):
+            if isinstance(item, ScanEnd):
+                end = item
+                yield item
+                break
+            yield item
+        if end is None or end.clean:
+            return
+        nxt = resync(data, end.offset)
+        if nxt is None:
+            return
+        pos = nxt
 
 
 def read_segment(path: Path) -> bytes:

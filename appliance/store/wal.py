@@ -1,17 +1,26 @@
-"""The durable store: segmented WAL with group commit off the selector loop.
+"""The durable store: an mmap ring in front of preallocated WAL segments.
 
-The loop thread stages records with `append` and hands each loop iteration's
-batch to the committer with `submit`, together with the highest seq it holds
-per identity. The committer thread writes the batch with one `write`, makes it
-durable with one `fdatasync` (both release the GIL), and reports the batch's
-marks back; `wakeup` tells the loop to collect them with `completed`, and only
-then does the loop acknowledge. Batches queue while a commit runs, so every
-commit takes whatever accumulated meanwhile: group commit without a timer.
+The loop thread encodes each accepted frame as a record straight into the
+ring (`append`) and, once per loop iteration, tells the committer what it
+appended (`submit`, with the highest seq per identity). The committer thread
+takes everything in the ring that is not durable yet (after waiting at most
+`commit_delay` for more, or until `commit_max_bytes` have gathered), pads it
+to a 4 KiB boundary, writes it with `pwrite` and makes it durable with one
+`fdatasync`; both release the GIL. It then reports the batch's marks, and
+`wakeup` tells the loop to collect them with `completed` and send the ACKs.
+
+A full ring is backpressure: `append` refuses, and the loop stops reading
+sockets before it gets there (`pending_bytes`). Recently committed records
+stay in the ring until overwritten, so readers that keep up are served from
+memory (`read_ring`); readers that fall behind read the segment files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
+import mmap
 import os
 import threading
 import time
@@ -19,23 +28,33 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from appliance.store import meta
 from appliance.store.segment import (
+    BLOCK,
+    DATA_START,
+    QUARANTINE_SUFFIX,
     Record,
     ScanEnd,
     SegmentError,
     check_header,
+    encode_frame_record,
     encode_header,
-    encode_record,
+    encode_padding,
     fsync_dir,
     list_segments,
-    read_segment,
+    padding_to_block,
+    resync,
     scan,
+    scan_all,
     segment_name,
 )
 
 log = logging.getLogger("appliance.store")
 
 RETRY_DELAY = 0.1  # after a failed write (disk full, I/O error) the batch is retried, never dropped
+HOUSEKEEPING_INTERVAL = 1.0  # retention and checkpoints by age are looked at this often
+RING_RESERVE = 2 * BLOCK  # ring room kept for the committer's padding
+MiB = 1024 * 1024
 
 
 class Store:
@@ -43,202 +62,227 @@ class Store:
         self,
         directory: str | os.PathLike,
         *,
-        segment_bytes: int = 64 * 1024 * 1024,
-        commit_max_bytes: int = 4 * 1024 * 1024,
+        segment_bytes: int = 64 * MiB,
+        ring_bytes: int = 16 * MiB,
+        commit_delay: float = 0.001,
+        commit_max_bytes: int = 4 * MiB,
+        checkpoint_bytes: int = 32 * MiB,
+        checkpoint_seconds: float = 10.0,
+        quota_bytes: int = 0,
+        min_free_bytes: int = 0,
+        retention_bytes: int = 0,
+        retention_seconds: float = 0.0,
+        overflow: str = "block",
     ) -> None:
         self.directory = Path(directory)
         self.segment_bytes = segment_bytes
+        self.ring_bytes = ring_bytes
+        self.commit_delay = commit_delay
         self.commit_max_bytes = commit_max_bytes
-        self.last_seq: dict[str, int] = {}  # highest stored seq per identity, rebuilt by recovery
-        self.frames = 0
-        self.bytes_on_disk = 0  # segment bytes, for the quota
+        self.checkpoint_bytes = checkpoint_bytes
+        self.checkpoint_seconds = checkpoint_seconds
+        self.quota_bytes = quota_bytes
+        self.min_free_bytes = min_free_bytes
+        self.retention_bytes = retention_bytes
+        self.retention_seconds = retention_seconds
+        self.overflow = overflow
+        # the replay window: highest stored seq per identity, from the checkpoint and the log
+        self.last_seq: dict[str, int] = {}
+        self.frames = 0  # frames stored (durable or about to be), since the store was created
+        self.dropped_frames = 0  # overflow = "drop-oldest" only
+        self.bytes_on_disk = 0  # segment files, preallocated size included
+        # no room for another segment (quota or free-space floor): a frame that would need
+        # one is refused (BUSY) until retention or the operator makes room
+        self.full = False
         self.commit_error: str | None = None
         self.commits = 0
         self.commit_seconds: deque[float] = deque(maxlen=1024)  # recent write+fdatasync times
         self.commit_started: float | None = None  # monotonic start of the commit in flight
+        self.recovery_seconds = 0.0
         # called from the committer thread after each commit; the loop sets it
         self.wakeup: Callable[[], None] = lambda: None
-        self._staged = bytearray()
-        self._queue: deque[tuple[bytearray, dict[str, int]]] = deque()
-        self._queued_bytes = 0
+
+        self._ring = mmap.mmap(-1, ring_bytes)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        # ring positions only grow; a byte at position p lives at p % ring_bytes
+        self._head = 0  # next byte the loop appends
+        self._taken = 0  # the committer has taken everything before this
+        self._durable = 0  # everything before this is on flash
+        self._seg_used = DATA_START  # bytes used in the segment the loop appends to
+        self._switches: deque[int] = deque()  # ring positions where a new segment begins
+        self._marks: deque[tuple[int, dict[str, int], int]] = deque()  # (ring end, marks, frames)
+        self._first_pending: float | None = None
         self._done: deque[dict[str, int]] = deque()
-        self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # committer-side state
         self._fd = -1
         self._segment = 0
-        self._size = 0
+        self._offset = DATA_START  # file offset of the next byte in the current segment
+        self._parts: deque[tuple[int, int, int, int]] = deque(maxlen=4096)  # ring a, b, seg, off
+        self._window: dict[str, int] = {}  # replay window as of the durable position
+        self._durable_frames = 0
+        self._since_checkpoint = 0
+        self._checkpoint_at = time.monotonic()
+        self._housekeeping_at = 0.0
 
     # -- start and stop ------------------------------------------------------
 
     def open(self) -> None:
-        """Recover the log, then start the committer."""
+        """Recover from the checkpoint to the tail, then start the committer."""
+        started = time.monotonic()
         self.directory.mkdir(parents=True, exist_ok=True)
-        segments = list_segments(self.directory)
-        status = "ok"
-        for number, path in segments:
-            status = self._recover_segment(number, path, newest=number == segments[-1][0])
-        if not segments:
-            self._start_segment(1)
-        elif status == "ok":
-            self._segment, path = segments[-1]
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-            self._size = os.fstat(self._fd).st_size
-        elif status == "empty":
-            self._start_segment(segments[-1][0])  # its header never reached the disk
-        else:
-            self._start_segment(segments[-1][0] + 1)  # never append behind a bad header
-        self.bytes_on_disk = sum(path.stat().st_size for _, path in list_segments(self.directory))
+        self._recover()
+        self._window = dict(self.last_seq)
+        self._durable_frames = self.frames
+        self._write_checkpoint()
+        self._update_usage()
+        self.recovery_seconds = time.monotonic() - started
         self._thread = threading.Thread(target=self._run, name="wal-commit", daemon=True)
         self._thread.start()
 
-    def _recover_segment(self, number: int, path: Path, *, newest: bool) -> str:
-        """Rebuild the replay window from one segment; "ok", "empty" (all zero) or "bad"."""
-        data = read_segment(path)
-        try:
-            check_header(data, number)
-        except SegmentError as exc:
-            if not data.strip(b"\0"):
-                log.warning("wal: %s has no header (%s) and no data", path.name, exc)
-                return "empty"
-            log.error("wal: %s is not a valid segment (%s); its records are skipped", path, exc)
-            return "bad"
-        last = self.last_seq
-        end = None
-        for item in scan(data, number):
-            if isinstance(item, ScanEnd):
-                end = item
-                break
-            if item.seq > last.get(item.identity, 0):
-                last[item.identity] = item.seq
-            self.frames += 1
-        if end is None:
-            return "ok"
-        if newest:
-            log.warning(
-                "wal: %s: %s at offset %d; truncating the torn tail (%d bytes)",
-                path.name,
-                end.reason,
-                end.offset,
-                len(data) - end.offset,
-            )
-            os.truncate(path, end.offset)
-        else:
-            log.error(
-                "wal: %s: %s at offset %d; the rest of this segment is skipped",
-                path.name,
-                end.reason,
-                end.offset,
-            )
-        return "ok"
-
     def close(self) -> None:
-        """Commit what is queued and stop the committer."""
+        """Commit what is in the ring, write the checkpoint and stop the committer."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+            self._write_checkpoint()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
-    # -- loop side -----------------------------------------------------------
+    # -- recovery ------------------------------------------------------------
 
-    def append(
-        self, ident: bytes, channel: int, seq: int, ts_ns: int, recv_ns: int, payload: bytes
-    ) -> None:
-        self._staged += encode_record(ident, channel, seq, ts_ns, recv_ns, payload)
-
-    def submit(self, marks: dict[str, int]) -> None:
-        """Queue the staged records for commit; `marks` are their highest seq per identity."""
-        staged = self._staged
-        if not staged and not marks:
+    def _recover(self) -> None:
+        segments = list_segments(self.directory)
+        start_seg, start_off = segments[0][0] if segments else 1, DATA_START
+        try:
+            saved = meta.read(self.directory / meta.STORE_META)
+            start_seg, start_off = (int(v) for v in saved["checkpoint"])
+            self.last_seq = {str(k): int(v) for k, v in saved["last_seq"].items()}
+            self.frames = int(saved["frames"])
+        except meta.MetaError as exc:
+            if segments:
+                log.warning("store: %s; reading every segment to rebuild the state", exc)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            log.warning("store: store.meta has bad fields; reading every segment")
+            self.last_seq, self.frames = {}, 0
+            start_seg, start_off = (segments[0][0] if segments else 1), DATA_START
+        todo = [(n, p) for n, p in segments if n >= start_seg]
+        if not todo:
+            self._start_segment(max([start_seg, *(n + 1 for n, _ in segments)]))
             return
-        self._staged = bytearray()
-        with self._cond:
-            self._queue.append((staged, marks))
-            self._queued_bytes += len(staged)
-            self._cond.notify()
+        for i, (number, path) in enumerate(todo):
+            newest = i == len(todo) - 1
+            offset = start_off if number == start_seg else DATA_START
+            end = self._recover_segment(number, path, offset, newest=newest)
+            if newest:
+                if end is None:  # no usable header: never append behind it
+                    self._start_segment(number + 1)
+                else:
+                    self._open_segment(number, path, end)
 
-    def stalled_for(self, now: float) -> float:
-        """Seconds the commit in flight has been running (0 when none is): the watchdog's input."""
-        started = self.commit_started
-        return 0.0 if started is None else now - started
-
-    def pending_bytes(self) -> int:
-        """Bytes handed to the committer and not yet durable: the loop's backpressure signal."""
-        return self._queued_bytes + len(self._staged)
-
-    def completed(self) -> list[dict[str, int]]:
-        """Marks of the batches made durable since the last call, oldest first."""
-        done = []
-        while self._done:
-            done.append(self._done.popleft())
-        return done
-
-    # -- committer thread ----------------------------------------------------
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                batch, marks, size = self._take()
-            self.commit_started = started = time.monotonic()
-            while True:
-                try:
-                    self._write(batch)
-                    break
-                except OSError as exc:
-                    # Not durable, not acknowledged; keep the batch and try again.
-                    self.commit_error = f"{exc.strerror or exc} ({self.directory})"
-                    log.error("wal: commit failed: %s; retrying", self.commit_error)
-                    time.sleep(RETRY_DELAY)
-            self.commit_error = None
-            self.commit_seconds.append(time.monotonic() - started)
-            self.commits += 1
-            self.commit_started = None
-            with self._cond:
-                # marks first: once pending_bytes() reads 0, completed() has them
-                self._done.append(marks)
-                self._queued_bytes -= size
-            self.wakeup()
-
-    def _take(self) -> tuple[bytearray, dict[str, int], int]:
-        """Merge queued batches up to commit_max_bytes into one write."""
-        batch, marks = self._queue.popleft()
-        marks = dict(marks)
-        while self._queue and len(batch) + len(self._queue[0][0]) <= self.commit_max_bytes:
-            more, more_marks = self._queue.popleft()
-            batch += more
-            marks.update(more_marks)
-        return batch, marks, len(batch)
-
-    def _write(self, batch: bytearray) -> None:
-        if self._size + len(batch) > self.segment_bytes and self._size > 32:
-            self._start_segment(self._segment + 1)
-        if batch:
-            start = self._size
+    def _recover_segment(self, number: int, path: Path, offset: int, *, newest: bool) -> int | None:
+        """Scan one segment from `offset`; the offset where its data ends, None if unusable."""
+        with open(path, "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
             try:
-                view = memoryview(batch)
-                while view:
-                    view = view[os.write(self._fd, view) :]
-                os.fdatasync(self._fd)
-            except OSError:
-                os.ftruncate(self._fd, start)  # drop a partial write before the retry
-                raise
-            self._size = start + len(batch)
-            self.bytes_on_disk += len(batch)
+                try:
+                    check_header(data, number)
+                except SegmentError as exc:
+                    if not newest or any(data[: min(size, DATA_START)]):
+                        self._quarantine(number, path, f"bad header ({exc})", data, salvage=False)
+                        return None
+                    log.warning(
+                        "store: %s has no header (never written); starting it anew", path.name
+                    )
+                    return write_segment(path, number, [], self.segment_bytes)
+                end = self._apply(scan(data, number, max(offset, DATA_START)))
+                if end.clean:
+                    return end.offset
+                if newest and resync(data, end.offset) is None:
+                    torn = self._zero_tail(f, end.offset, size)
+                    log.warning(
+                        "store: %s: %s at offset %d; torn tail of %d bytes cleared",
+                        path.name,
+                        end.reason,
+                        end.offset,
+                        torn,
+                    )
+                    return end.offset
+                self._quarantine(number, path, f"{end.reason} at offset {end.offset}", data)
+                return self._salvaged_end if newest else None
+            finally:
+                if isinstance(data, mmap.mmap):
+                    data.close()
+
+    def _apply(self, items: Iterator[Record | ScanEnd]) -> ScanEnd:
+        """Fold scanned records into the replay window; the ScanEnd that ended them."""
+        last = self.last_seq
+        for item in items:
+            if isinstance(item, ScanEnd):
+                return item
+            if item.seq > last.get(item.identity, 0):
+                last[item.identity] = item.seq
+            self.frames += 1
+        raise AssertionError("scan always ends with a ScanEnd on a zero-padded segment")
+
+    def _zero_tail(self, f, start: int, size: int) -> int:
+        """Zero the torn batch: it ends within commit_max_bytes (plus padding) of `start`."""
+        end = min(size, start + self.commit_max_bytes + 2 * BLOCK)
+        os.pwrite(f.fileno(), bytes(end - start), start)
+        os.fdatasync(f.fileno())
+        return end - start
+
+    def _quarantine(self, number: int, path: Path, why: str, data, *, salvage: bool = True) -> None:
+        """Set a damaged segment aside and put its good records into a clean one of the same
+        number, so the rest of the data is still served."""
+        aside = path.with_name(f"{number:012d}{QUARANTINE_SUFFIX}")
+        os.replace(path, aside)
+        kept = bad = 0
+        self._salvaged_end = DATA_START
+        if salvage:
+            records = []
+            for item in scan_all(data, number):
+                if isinstance(item, ScanEnd):
+                    bad += not item.clean
+                else:
+                    records.append(item)
+            kept = len(records)
+            self._salvaged_end = write_segment(path, number, records, self.segment_bytes)
+            for rec in records:
+                if rec.seq > self.last_seq.get(rec.identity, 0):
+                    self.last_seq[rec.identity] = rec.seq
+        fsync_dir(self.directory)
+        log.error(
+            "store: %s: %s; set aside as %s, %d good records kept in %s, %d damaged stretch(es)",
+            path.name,
+            why,
+            aside.name,
+            kept,
+            path.name if salvage else "-",
+            bad,
+        )
+
+    # -- segments (committer thread, and open) ---------------------------------
+
+    def _open_segment(self, number: int, path: Path, end: int) -> None:
+        fd = os.open(path, os.O_RDWR)
+        self._preallocate(fd)
+        self._fd, self._segment, self._offset = fd, number, end
+        self._seg_used = end
 
     def _start_segment(self, number: int) -> None:
         path = self.directory / segment_name(number)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, encode_header(number, time.time_ns()))
+            self._preallocate(fd)
+            os.pwrite(fd, encode_header(number, time.time_ns(), self.segment_bytes), 0)
             os.fdatasync(fd)
             fsync_dir(self.directory)
         except OSError:
@@ -247,20 +291,354 @@ class Store:
             raise
         if self._fd >= 0:
             os.close(self._fd)
-        self._fd, self._segment, self._size = fd, number, os.fstat(fd).st_size
-        self.bytes_on_disk += self._size
+        self._fd, self._segment, self._offset = fd, number, DATA_START
+
+    def _preallocate(self, fd: int) -> None:
+        # reserve the blocks now: a full disk shows up at rotation, never inside a commit
+        if os.fstat(fd).st_size < self.segment_bytes:
+            os.posix_fallocate(fd, 0, self.segment_bytes)
+
+    # -- loop side -----------------------------------------------------------
+
+    def append(
+        self, ident: bytes, channel: int, seq: int, ts_ns: int, recv_ns: int, payload: bytes
+    ) -> bool:
+        """Put one record in the ring; False if the ring is full (the frame is not stored)."""
+        rec = encode_frame_record(ident, channel, seq, ts_ns, recv_ns, payload)
+        n = len(rec)
+        with self._lock:
+            head = self._head
+            if head + n + RING_RESERVE > self._durable + self.ring_bytes:
+                return False
+            if self._seg_used + n + RING_RESERVE > self.segment_bytes:
+                if self.full:
+                    return False
+                self._switches.append(head)
+                self._seg_used = DATA_START
+            self._put(head, rec)
+            self._head = head + n
+            self._seg_used += n
+        self.frames += 1
+        return True
+
+    def _put(self, pos: int, data: bytes) -> None:
+        at = pos % self.ring_bytes
+        first = min(len(data), self.ring_bytes - at)
+        self._ring[at : at + first] = data[:first]
+        if first < len(data):
+            self._ring[0 : len(data) - first] = data[first:]
+
+    def submit(self, marks: dict[str, int], frames: int = 0) -> None:
+        """Hand what was appended since the last call to the committer; `marks` are the
+        highest seq per identity among those records."""
+        with self._cond:
+            self._marks.append((self._head, marks, frames))
+            if self._first_pending is None:
+                self._first_pending = time.monotonic()
+            self._cond.notify()
+
+    def pending_bytes(self) -> int:
+        """Ring bytes not yet durable: the loop's backpressure signal."""
+        return self._head - self._durable
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds the commit in flight has been running (0 when none is): the watchdog's input."""
+        started = self.commit_started
+        return 0.0 if started is None else now - started
+
+    def completed(self) -> list[dict[str, int]]:
+        """Marks of the batches made durable since the last call, oldest first."""
+        done = []
+        while self._done:
+            done.append(self._done.popleft())
+        return done
+
+    def durable_position(self) -> tuple[int, int]:
+        """(segment, offset) before which everything is durable."""
+        with self._lock:
+            return self._position_locked(self._durable)
+
+    def read_ring(self, segment: int, offset: int, limit: int) -> bytes | None:
+        """Up to `limit` durable bytes from (segment, offset) if the ring still holds them."""
+        with self._lock:
+            for a, b, seg, off in reversed(self._parts):
+                if seg == segment and off <= offset < off + (b - a):
+                    pos = a + (offset - off)
+                    if pos < self._head - self.ring_bytes:
+                        return None  # overwritten by newer records
+                    end = min(b, self._durable, pos + limit)
+                    return self._get(pos, end - pos)
+        return None
+
+    def _get(self, pos: int, n: int) -> bytes:
+        at = pos % self.ring_bytes
+        first = min(n, self.ring_bytes - at)
+        data = self._ring[at : at + first]
+        if first < n:
+            data += self._ring[0 : n - first]
+        return data
+
+    # -- committer thread ----------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            start, end, switches, marks, frames = batch
+            self.commit_started = started = time.monotonic()
+            seg, off = self._segment, self._offset
+            while True:
+                try:
+                    rotated = self._write(start, end, switches)
+                    break
+                except OSError as exc:
+                    # Not durable, not acknowledged; keep the batch and try again.
+                    self.commit_error = f"{exc.strerror or exc} ({self.directory})"
+                    log.error("store: commit failed: %s; retrying", self.commit_error)
+                    self._segment, self._offset = seg, off
+                    self._reopen(seg)
+                    self._housekeeping(force=True)
+                    time.sleep(RETRY_DELAY)
+            self.commit_error = None
+            self.commit_seconds.append(time.monotonic() - started)
+            self.commits += 1
+            self.commit_started = None
+            for ident, seq in marks.items():
+                if seq > self._window.get(ident, 0):
+                    self._window[ident] = seq
+            self._durable_frames += frames
+            self._since_checkpoint += end - start
+            with self._cond:
+                # marks first: once pending_bytes() reads 0, completed() has them
+                self._done.append(marks)
+                self._durable = end
+            self.wakeup()
+            if rotated or self._since_checkpoint >= self.checkpoint_bytes:
+                self._write_checkpoint()
+            if rotated:
+                self._update_usage()
+            self._housekeeping()
+
+    def _take(self):
+        """Wait for records, then up to commit_delay for more; None when stopping and idle."""
+        with self._cond:
+            while True:
+                if self._head == self._taken:
+                    if self._stopping:
+                        return None
+                    self._cond.wait(HOUSEKEEPING_INTERVAL)
+                    if self._head == self._taken:
+                        self._cond.release()
+                        try:
+                            self._housekeeping()
+                        finally:
+                            self._cond.acquire()
+                    continue
+                deadline = (self._first_pending or 0) + self.commit_delay
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopping or self._head - self._taken >= self.commit_max_bytes:
+                    break
+                self._cond.wait(left)
+            pad = padding_to_block(self._seg_used)
+            if pad:
+                self._put(self._head, encode_padding(pad))
+                self._head += pad
+                self._seg_used += pad
+            start, end = self._taken, self._head
+            switches = []
+            while self._switches and self._switches[0] < end:
+                switches.append(self._switches.popleft())
+            marks: dict[str, int] = {}
+            frames = 0
+            while self._marks and self._marks[0][0] <= end:
+                _, more, n = self._marks.popleft()
+                marks.update(more)
+                frames += n
+            self._taken = end
+            self._first_pending = time.monotonic() if self._marks else None
+        return start, end, switches, marks, frames
+
+    def _write(self, start: int, end: int, switches: list[int]) -> bool:
+        """Write ring[start:end) to the segments (a new one at each switch) and fdatasync."""
+        rotated = False
+        bounds = [start, *switches, end]
+        for a, b in itertools.pairwise(bounds):
+            if a in switches:
+                os.fdatasync(self._fd)
+                self._start_segment(self._segment + 1)
+                rotated = True
+            if b > a:
+                self._pwrite(a, b)
+                with self._lock:  # readers walk _parts under the lock
+                    self._parts.append((a, b, self._segment, self._offset))
+                self._offset += b - a
+        os.fdatasync(self._fd)
+        return rotated
+
+    def _pwrite(self, a: int, b: int) -> None:
+        view = memoryview(self._ring)
+        try:
+            pos, off = a, self._offset
+            while pos < b:
+                at = pos % self.ring_bytes
+                n = min(b - pos, self.ring_bytes - at)
+                written = os.pwrite(self._fd, view[at : at + n], off)
+                pos += written
+                off += written
+        finally:
+            view.release()
+
+    def _reopen(self, number: int) -> None:
+        path = self.directory / segment_name(number)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if path.exists():
+            self._fd = os.open(path, os.O_RDWR)
+
+    # -- checkpoint, retention, quota (committer thread) ------------------------
+
+    def _write_checkpoint(self) -> None:
+        with self._lock:
+            position = self._position_locked(self._durable)
+        state = {
+            "version": 1,
+            "checkpoint": list(position),
+            "frames": self._durable_frames,
+            "last_seq": self._window,
+        }
+        try:
+            meta.write(self.directory / meta.STORE_META, state)
+        except OSError as exc:
+            log.error("store: cannot write the checkpoint: %s", exc)
+            return
+        self._since_checkpoint = 0
+        self._checkpoint_at = time.monotonic()
+
+    def _position_locked(self, ring_pos: int) -> tuple[int, int]:
+        for a, b, seg, off in reversed(self._parts):
+            if a < ring_pos <= b:
+                return seg, off + (ring_pos - a)
+        return self._segment, self._offset
+
+    def _housekeeping(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._housekeeping_at < HOUSEKEEPING_INTERVAL:
+            return
+        self._housekeeping_at = now
+        if self._since_checkpoint and now - self._checkpoint_at >= self.checkpoint_seconds:
+            self._write_checkpoint()
+        try:
+            self._retain()
+        except OSError as exc:
+            log.error("store: retention: %s", exc)
+        self._update_usage()
+
+    def _update_usage(self) -> None:
+        total = 0
+        for _, path in list_segments(self.directory):
+            with contextlib.suppress(FileNotFoundError):  # a reader's retention raced us
+                total += path.stat().st_size
+        self.bytes_on_disk = total
+        full = bool(self.quota_bytes) and total + self.segment_bytes > self.quota_bytes
+        if self.min_free_bytes:
+            stat = os.statvfs(self.directory)
+            full = full or stat.f_bavail * stat.f_frsize < self.min_free_bytes
+        if full != self.full:
+            log.warning(
+                "store: %s", "storage full: new frames get BUSY" if full else "space is back"
+            )
+        self.full = full
+
+    def _retain(self) -> None:
+        """Delete sealed segments every cursor has passed, where retention or space asks."""
+        segments = [s for s in list_segments(self.directory) if s[0] < self._segment]
+        if not segments:
+            return
+        cursors = meta.list_cursors(self.directory)
+        oldest_needed = min(
+            (pos[0] if pos else 0 for pos in cursors.values()), default=None
+        )  # a cursor at segment S still needs S
+        total = sum(p.stat().st_size for _, p in list_segments(self.directory))
+        now = time.time()
+        for number, path in segments:
+            passed = oldest_needed is None or number < oldest_needed
+            over_bytes = bool(self.retention_bytes) and total > self.retention_bytes
+            too_old = (
+                bool(self.retention_seconds) and now - path.stat().st_mtime > self.retention_seconds
+            )
+            tight = bool(self.quota_bytes) and total + self.segment_bytes > self.quota_bytes
+            if self.min_free_bytes:
+                stat = os.statvfs(self.directory)
+                tight = tight or stat.f_bavail * stat.f_frsize < self.min_free_bytes
+            if passed and (over_bytes or too_old):
+                why = "retention"
+            elif passed and tight and cursors:
+                # space pressure frees only what readers have consumed; with no reader
+                # registered the data is kept (dump, recover-dump) and new frames get BUSY
+                why = "space"
+            elif tight and self.overflow == "drop-oldest":
+                why = "overflow"
+            else:
+                break  # oldest first: keep this one, and so every newer one
+            size = path.stat().st_size
+            if why == "overflow":
+                dropped = sum(1 for item in read_segment_records(path, number))
+                self.dropped_frames += dropped
+                log.warning(
+                    "store: storage full; dropping %s with %d unread frames"
+                    " (overflow = drop-oldest, %d dropped in all)",
+                    path.name,
+                    dropped,
+                    self.dropped_frames,
+                )
+            else:
+                log.info("store: deleting %s (%s)", path.name, why)
+            os.unlink(path)
+            total -= size
+        fsync_dir(self.directory)
+
+
+def write_segment(path: Path, number: int, records: list[Record], segment_bytes: int) -> int:
+    """A clean segment holding `records`; returns the offset where its data ends."""
+    body = bytearray(encode_header(number, time.time_ns(), segment_bytes))
+    for rec in records:
+        body += encode_frame_record(
+            rec.identity.encode(), rec.channel, rec.seq, rec.ts_ns, rec.recv_ns, rec.payload
+        )
+    end = len(body)
+    pad = padding_to_block(end)
+    if pad:
+        body += encode_padding(pad)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, body)
+        if len(body) < segment_bytes:
+            os.posix_fallocate(fd, 0, segment_bytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return len(body)
+
+
+def read_segment_records(path: Path, number: int, start: int = DATA_START) -> Iterator[Record]:
+    """The good records of one segment file, skipping damaged stretches."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            try:
+                check_header(data, number)
+            except SegmentError:
+                return
+            for item in scan_all(data, number, start):
+                if not isinstance(item, ScanEnd):
+                    yield item
 
 
 def read_records(directory: str | os.PathLike) -> Iterator[Record]:
     """Every valid record, oldest first; safe beside a running daemon (a tail being
     written reads as the end)."""
     for number, path in list_segments(Path(directory)):
-        data = read_segment(path)
-        try:
-            check_header(data, number)
-        except SegmentError:
-            continue
-        for item in scan(data, number):
-            if isinstance(item, ScanEnd):
-                break
-            yield item
+        yield from read_segment_records(path, number)
