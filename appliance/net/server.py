@@ -3,7 +3,7 @@
 One thread owns every socket. It never waits on the disk: the store's
 committer thread does the fdatasync and wakes the loop through a pipe, and the
 loop then acknowledges the newly durable frames. When the store falls behind
-(`pending_max_bytes`) or a peer stops reading its ACKs (`send_buffer_limit`),
+(its ring is nearly full) or a peer stops reading its ACKs (`send_buffer_limit`),
 the loop stops reading from sockets, so the kernel's TCP window pushes back on
 the senders instead of memory growing here.
 """
