@@ -144,7 +144,7 @@ def check_dump(daemon, streamers: list[Streamer], acked: dict[str, int]) -> list
 def two_cores(daemon_factory):
     """A stopped daemon with a small segment size (so kills also hit rotations) and one more
     core, added before the start so the daemon knows it from its first HELLO."""
-    d = daemon_factory("[storage]\nsegment_bytes = 262144\n", start=False)
+    d = daemon_factory("[storage]\nsegment_bytes = 1048576\n", start=False)
     result = cli(
         "identity", "add", CORE, "--kind", "core", "--module", "m-1", "--channels", "1-4",
         data_dir=d.data_dir,

@@ -30,6 +30,7 @@ from appliance.net.connection import LINGER, Connection
 from appliance.protocol import crypto
 from appliance.protocol.frames import ErrorCode
 from appliance.protocol.session import BYE, CLOSED, DATA, HELLO, ServerSession, State
+from appliance.store.segment import encode_frame_record
 from appliance.store.wal import Store
 
 log = logging.getLogger("appliance.net")
@@ -410,36 +411,45 @@ class Server:
             self._begin_close(conn, last_event[1])
 
     def _store_data(self, conn: Connection, events: list[tuple]) -> None:
-        """Replay window, scope and quota per frame, then one append per accepted frame."""
+        """Replay window, scope and storage state per frame; one ring append per read."""
         ident = conn.identity
-        last = self.accepted.get(ident, 0)
+        before = last = self.accepted.get(ident, 0)
         session = conn.session
         replay = False
-        stored = 0
-        refused = False
         busy = self._busy()
         recv_ns = time.time_ns()
-        append = self.store.append
+        ident_bytes = conn.ident_bytes
+        records: list[bytes] = []
+        seqs: list[int] = []
         for _, channel, seq, ts_ns, payload in events:
             if seq <= last:
                 replay = True
                 self.counters["replays"] += 1
             elif channel not in conn.scope:
                 session.send_nack(seq, ErrorCode.DENIED, f"channel {channel} not in scope")
-            elif busy or not append(conn.ident_bytes, channel, seq, ts_ns, recv_ns, payload):
+            elif busy:
                 session.send_nack(seq, ErrorCode.BUSY, "storage cannot take the frame now")
-                refused = True
             else:
+                records.append(
+                    encode_frame_record(ident_bytes, channel, seq, ts_ns, recv_ns, payload)
+                )
+                seqs.append(seq)
                 last = seq
-                stored += 1
-        if refused:
-            self._pause(conn)  # until space returns (the sweep looks)
-        if stored:
-            self.accepted[ident] = last
-            self.marks[ident] = last
-            self.marked_frames += stored
-            self.counters["frames"] += stored
-            self.frames_by_identity[ident] += stored
+        if records:
+            stored = self.store.append(records)
+            if stored < len(records):
+                for seq in seqs[stored:]:
+                    session.send_nack(seq, ErrorCode.BUSY, "storage cannot take the frame now")
+                self._pause(conn)  # until the ring drains or space returns
+                last = seqs[stored - 1] if stored else before
+            if stored:
+                self.accepted[ident] = last
+                self.marks[ident] = last
+                self.marked_frames += stored
+                self.counters["frames"] += stored
+                self.frames_by_identity[ident] += stored
+        elif busy:
+            self._pause(conn)
         if replay:
             session.send_ack(self.durable.get(ident, 0))
 

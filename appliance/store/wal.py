@@ -300,26 +300,39 @@ class Store:
 
     # -- loop side -----------------------------------------------------------
 
-    def append(
-        self, ident: bytes, channel: int, seq: int, ts_ns: int, recv_ns: int, payload: bytes
-    ) -> bool:
-        """Put one record in the ring; False if the ring is full (the frame is not stored)."""
-        rec = encode_frame_record(ident, channel, seq, ts_ns, recv_ns, payload)
-        n = len(rec)
+    def append(self, records: list[bytes]) -> int:
+        """Put encoded records (`encode_frame_record`) in the ring, in order; returns how
+        many went in. The rest did not fit: the ring is full, or the store is full and
+        they would need a new segment."""
+        data = b"".join(records)
+        n = len(data)
         with self._lock:
             head = self._head
-            if head + n + RING_RESERVE > self._durable + self.ring_bytes:
-                return False
-            if self._seg_used + n + RING_RESERVE > self.segment_bytes:
-                if self.full:
-                    return False
-                self._switches.append(head)
-                self._seg_used = DATA_START
-            self._put(head, rec)
-            self._head = head + n
-            self._seg_used += n
-        self.frames += 1
-        return True
+            room = self._durable + self.ring_bytes - RING_RESERVE - head
+            if n <= room and self._seg_used + n + RING_RESERVE <= self.segment_bytes:
+                self._put(head, data)  # the common case: one copy for the whole read
+                self._head = head + n
+                self._seg_used += n
+                self.frames += len(records)
+                return len(records)
+            done = 0
+            for rec in records:
+                size = len(rec)
+                if size > room:
+                    break
+                if self._seg_used + size + RING_RESERVE > self.segment_bytes:
+                    if self.full:
+                        break
+                    self._switches.append(head)
+                    self._seg_used = DATA_START
+                self._put(head, rec)
+                head += size
+                room -= size
+                self._seg_used += size
+                done += 1
+            self._head = head
+            self.frames += done
+            return done
 
     def _put(self, pos: int, data: bytes) -> None:
         at = pos % self.ring_bytes
