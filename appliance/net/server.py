@@ -62,7 +62,6 @@ class Server:
         self.accepted: dict[str, int] = dict(store.last_seq)  # replay window: highest stored seq
         self.durable: dict[str, int] = dict(store.last_seq)
         self.marks: dict[str, int] = {}  # this iteration's highest accepted seq per identity
-        self.marked_frames = 0  # frames appended this iteration
         self.paused: set[Connection] = set()
         self.commit_waiting: set[Connection] = set()
         self.listeners: list[tuple[socket.socket, ssl.SSLContext | None]] = []
@@ -140,9 +139,8 @@ class Server:
                 else:
                     data(mask)  # a watched file: stats socket, serial console
             if self.marks:
-                store.submit(self.marks, self.marked_frames)
+                store.submit()
                 self.marks = {}
-                self.marked_frames = 0
             if self.stopping:
                 if stop_deadline is None:  # the signal came in during this iteration
                     stop_deadline = self._begin_stop()
@@ -436,7 +434,7 @@ class Server:
                 seqs.append(seq)
                 last = seq
         if records:
-            stored = self.store.append(records)
+            stored = self.store.append(records, ident, seqs)
             if stored < len(records):
                 for seq in seqs[stored:]:
                     session.send_nack(seq, ErrorCode.BUSY, "storage cannot take the frame now")
@@ -445,7 +443,6 @@ class Server:
             if stored:
                 self.accepted[ident] = last
                 self.marks[ident] = last
-                self.marked_frames += stored
                 self.counters["frames"] += stored
                 self.frames_by_identity[ident] += stored
         elif busy:

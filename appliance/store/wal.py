@@ -300,10 +300,14 @@ class Store:
 
     # -- loop side -----------------------------------------------------------
 
-    def append(self, records: list[bytes]) -> int:
-        """Put encoded records (`encode_frame_record`) in the ring, in order; returns how
-        many went in. The rest did not fit: the ring is full, or the store is full and
-        they would need a new segment."""
+    def append(self, records: list[bytes], ident: str, seqs: list[int]) -> int:
+        """Put one identity's encoded records (`encode_frame_record`, with these seqs) in
+        the ring, in order; returns how many went in. The rest did not fit: the ring is
+        full, or the store is full and they would need a new segment.
+
+        The seqs are recorded with the records' ring position, under the same lock, so
+        a commit that makes the records durable always carries their marks: the
+        checkpoint never gets ahead of the replay window."""
         data = b"".join(records)
         n = len(data)
         with self._lock:
@@ -313,7 +317,7 @@ class Store:
                 self._put(head, data)  # the common case: one copy for the whole read
                 self._head = head + n
                 self._seg_used += n
-                self.frames += len(records)
+                self._mark(ident, seqs[-1], len(records))
                 return len(records)
             done = 0
             for rec in records:
@@ -331,8 +335,16 @@ class Store:
                 self._seg_used += size
                 done += 1
             self._head = head
-            self.frames += done
+            if done:
+                self._mark(ident, seqs[done - 1], done)
             return done
+
+    def _mark(self, ident: str, seq: int, count: int) -> None:
+        # caller holds the lock
+        self._marks.append((self._head, {ident: seq}, count))
+        self.frames += count
+        if self._first_pending is None:
+            self._first_pending = time.monotonic()
 
     def _put(self, pos: int, data: bytes) -> None:
         at = pos % self.ring_bytes
@@ -341,13 +353,9 @@ class Store:
         if first < len(data):
             self._ring[0 : len(data) - first] = data[first:]
 
-    def submit(self, marks: dict[str, int], frames: int = 0) -> None:
-        """Hand what was appended since the last call to the committer; `marks` are the
-        highest seq per identity among those records."""
+    def submit(self) -> None:
+        """Wake the committer for what was appended (once per loop iteration)."""
         with self._cond:
-            self._marks.append((self._head, marks, frames))
-            if self._first_pending is None:
-                self._first_pending = time.monotonic()
             self._cond.notify()
 
     def pending_bytes(self) -> int:
