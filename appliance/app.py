@@ -11,8 +11,13 @@ from pathlib import Path
 
 from appliance.auth.registry import Registry
 from appliance.config import Config
+from appliance.console.serial_port import install as install_console
 from appliance.net.server import Server
 from appliance.store.wal import Store
+from appliance.telemetry import endpoint as stats_endpoint
+from appliance.telemetry import logs, metrics
+from hw import notify
+from hw.fingerprint import fingerprint
 
 log = logging.getLogger("appliance")
 
@@ -98,6 +103,7 @@ STORE_KEYS = (
 
 
 def serve(config: Config) -> int:
+    log_buffer = logs.setup(config)  # from here on every event is one structured line
     limit = raise_fd_limit()
     if limit < config.server["max_connections"] + 64:  # listeners, segments, registry
         log.warning(
@@ -113,11 +119,22 @@ def serve(config: Config) -> int:
     server = Server(config, registry, store)
     store.wakeup = server.wakeup
     addresses = server.bind()
+    stats_endpoint.install(server, config)
+    fp = fingerprint()  # once: getmac can be slow, and the console runs in the loop
+    install_console(
+        server,
+        config,
+        stats=lambda: metrics.text(metrics.snapshot(server)),
+        log_lines=log_buffer.lines,
+        fingerprint=lambda: fp,
+    )
+    notifier = notify.install(server, config)
     log.info(
         "listening on %s (data in %s, %d frames stored)",
         ", ".join(f"{h}:{p}" for h, p in addresses),
         config.data_dir,
         store.frames,
     )
+    notifier.ready()  # READY=1: recovered and listening
     server.run()
     return 0

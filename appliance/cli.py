@@ -16,7 +16,10 @@ from appliance.client import Client, ClientError
 from appliance.config import ConfigError, parse_address
 from appliance.config import load as load_config
 from appliance.protocol.crypto import MAC_ALGORITHMS, token_to_secret
+from appliance.store import tools
 from appliance.store.wal import read_records
+from appliance.telemetry import stats_cli
+from hw import fingerprint
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -108,7 +111,14 @@ def cmd_send(args, config) -> int:
     with (
         lines,
         Client(
-            address.host, address.port, args.id, token, mac=args.mac, tls=tls, timeout=args.timeout
+            address.host,
+            address.port,
+            args.id,
+            token,
+            mac=args.mac,
+            tls=tls,
+            timeout=args.timeout,
+            fingerprint=args.fingerprint,
         ) as client,
     ):
         for line in lines:
@@ -201,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file")
     p.add_argument("--connect", help="host:port (default: server.listen of the config)")
     p.add_argument("--mac", choices=MAC_ALGORITHMS, default="hmac-sha256")
+    p.add_argument("--fingerprint", default="", help='hardware fingerprint, or "auto"')
     p.add_argument("--tls-ca", help="connect with TLS, trusting this CA file")
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_send)
@@ -210,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", type=_channel)
     p.add_argument("--since-seq", type=int, help="only frames with seq >= N")
     p.set_defaults(func=cmd_dump)
+    stats_cli.add_parser(sub)
+    tools.add_parsers(sub)
+    fingerprint.add_parser(sub)
     return parser
 
 
@@ -232,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         return args.func(args, config)
-    except (ConfigError, RegistryError, CliError) as exc:
+    except (ConfigError, RegistryError, CliError, tools.ToolError) as exc:
         print(f"module-ingest: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:

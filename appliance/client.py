@@ -24,6 +24,7 @@ from collections import OrderedDict, deque
 from appliance.protocol import crypto
 from appliance.protocol.client_session import ClientSession, ProtocolViolation
 from appliance.protocol.frames import ErrorCode, FrameType
+from hw.fingerprint import fingerprint as hw_fingerprint
 
 RECONNECT_BACKOFF = (0.05, 2.0)  # first and longest pause between reconnect attempts
 BUSY_BACKOFF = 0.2
@@ -57,7 +58,8 @@ class Client:
         self.address = (host, port)
         self.ident = ident
         self.secret = crypto.token_to_secret(token)
-        self.fingerprint = fingerprint
+        # "auto": this board's hardware fingerprint (hw/fingerprint.py)
+        self.fingerprint = hw_fingerprint() if fingerprint == "auto" else fingerprint
         self.mac = mac
         self.tls = tls
         self.server_hostname = server_hostname or host

@@ -459,3 +459,62 @@ def test_lone_surrogates_fail_instead_of_raising(registry, core):
     hello = hello_for(ident, secret)
     hello["fingerprint"] = "\udfff"
     assert authenticate(registry, hello, SN, trust_on_first_use=True) is None
+
+
+# -- add_many --------------------------------------------------------------------
+
+
+def test_add_many_writes_once_and_returns_every_token(registry, path, monkeypatch):
+    writes = []
+    real_write = Registry._write
+    monkeypatch.setattr(
+        Registry, "_write", lambda self, ids: writes.append(len(ids)) or real_write(self, ids)
+    )
+    registry.add("m-1", "module", channels=[1])
+    specs = [
+        {"ident": f"m-1/core-{n}", "kind": "core", "module": "m-1", "channels": [1, 2]}
+        for n in range(500)
+    ]
+    specs.append({"ident": "bob", "kind": "user", "macs": ["blake2s"], "admin": True})
+    tokens = registry.add_many(specs)
+
+    assert writes == [1, 502]  # add, then one write for the whole batch
+    assert list(tokens) == [spec["ident"] for spec in specs]
+    fresh = Registry(path)
+    assert len(fresh.list()) == 502
+    for ident, token in tokens.items():
+        assert fresh.get(ident).secret == crypto.token_to_secret(token)
+    core = fresh.get("m-1/core-7")
+    assert (core.kind, core.module, core.channels) == ("core", "m-1", frozenset({1, 2}))
+    assert core.macs == frozenset(crypto.MAC_ALGORITHMS)
+    bob = fresh.get("bob")
+    assert bob.admin and bob.macs == {"blake2s"}
+    assert len(set(tokens.values())) == len(tokens)
+    assert registry.add_many([]) == {}
+    assert writes == [1, 502]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"ident": "c", "kind": "core"}, "needs a module"),
+        ({"ident": "m", "kind": "module", "channels": [65536]}, "out of range"),
+        ({"ident": "m", "kind": "module", "macs": []}, "no MAC"),
+        ({"ident": "has space", "kind": "module"}, "bad identity id"),
+        ({"ident": "m", "kind": "module", "colour": "red"}, "unknown identity field 'colour'"),
+        ({"kind": "module"}, "needs 'ident' and 'kind'"),
+        ({"ident": "old", "kind": "module"}, "already exists"),
+        ({"ident": "ok-0", "kind": "module"}, "given twice"),
+        ("ok-9", "is a dict"),
+    ],
+)
+def test_add_many_is_all_or_nothing(registry, path, spec, message):
+    registry.add("old", "module")
+    before = path.read_bytes()
+    specs = [{"ident": f"ok-{n}", "kind": "module"} for n in range(3)] + [spec]
+    with pytest.raises(RegistryError, match=message) as info:
+        registry.add_many(specs)
+    assert "\n" not in str(info.value)
+    assert path.read_bytes() == before
+    assert [i.id for i in Registry(path).list()] == ["old"]
+    assert [i.id for i in registry.list()] == ["old"]

@@ -137,7 +137,7 @@ class Server:
                 elif type(data) is tuple:
                     self._accept(*data)
                 else:
-                    data(mask)  # a watched file: stats socket, serial console
+                    self._run_hooks((data,), mask)  # a watched file: stats socket, console
             if self.marks:
                 store.submit()
                 self.marks = {}
@@ -160,6 +160,14 @@ class Server:
         self.stopping = True
 
     # -- for the extensions (all called on the loop thread) ---------------------
+
+    def _run_hooks(self, hooks, *args) -> None:
+        """Run extension callbacks; a failing one is logged, never stops the loop."""
+        for hook in hooks:
+            try:
+                hook(*args)
+            except Exception:
+                log.exception("extension %r failed", hook)
 
     def watch(self, fileobj, events: int, callback: Callable[[int], None]) -> None:
         """Run `callback(mask)` in the loop when `fileobj` is ready."""
@@ -194,8 +202,7 @@ class Server:
 
     def _finish_stop(self) -> None:
         self._drain_wakeups()
-        for hook in self.stop_hooks:
-            hook()
+        self._run_hooks(self.stop_hooks)
         for conn in list(self.conns.values()):
             conn.flush()
             self._close(conn)
@@ -535,8 +542,7 @@ class Server:
     def _sweep(self, now: float) -> None:
         self._reload_registry()
         self._resume_paused()  # also after BUSY, when no commit wakes the loop
-        for hook in self.sweep_hooks:
-            hook(now)
+        self._run_hooks(self.sweep_hooks, now)
         if not self._accepting and not self.stopping and len(self.conns) < self.max_connections:
             self._set_accepting(True)
         idle = self.idle_timeout

@@ -98,6 +98,8 @@ class Cursor:
             return self._read_file(later[0], DATA_START, limit)
         path = dict(segments)[seg]
         sealed = seg != numbers[-1]
+        if path.stat().st_size == 0:
+            return []  # the daemon is creating it right now
         # inside the daemon, never past what is durable (the file may hold a commit in flight)
         bound = self.store.durable_position() if self.store is not None else None
         records: list[Record] = []

@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from appliance.store import meta
@@ -195,13 +195,12 @@ class Store:
                 try:
                     check_header(data, number)
                 except SegmentError as exc:
-                    if not newest or any(data[: min(size, DATA_START)]):
-                        self._quarantine(number, path, f"bad header ({exc})", data, salvage=False)
-                        return None
-                    log.warning(
-                        "store: %s has no header (never written); starting it anew", path.name
-                    )
-                    return write_segment(path, number, [], self.segment_bytes)
+                    if newest and _all_zero(data):
+                        log.warning("store: %s was never written; starting it anew", path.name)
+                        return write_segment(path, number, [], self.segment_bytes)
+                    # keep what the body holds: the records carry their own CRCs
+                    self._quarantine(number, path, f"bad header ({exc})", data)
+                    return self._salvaged_end if newest else None
                 end = self._apply(scan(data, number, max(offset, DATA_START)))
                 if end.clean:
                     return end.offset
@@ -407,9 +406,11 @@ class Store:
             if batch is None:
                 return
             start, end, switches, marks, frames = batch
-            self.commit_started = started = time.monotonic()
+            started = time.monotonic()
             seg, off = self._segment, self._offset
             while True:
+                # per attempt: a retry that hangs after a failed one is a stall too
+                self.commit_started = time.monotonic()
                 try:
                     rotated = self._write(start, end, switches)
                     break
@@ -417,6 +418,7 @@ class Store:
                     # Not durable, not acknowledged; keep the batch and try again.
                     self.commit_error = f"{exc.strerror or exc} ({self.directory})"
                     log.error("store: commit failed: %s; retrying", self.commit_error)
+                    self.commit_started = None  # waiting to retry is not a stuck write
                     self._segment, self._offset = seg, off
                     self._reopen(seg)
                     self._housekeeping(force=True)
@@ -483,7 +485,8 @@ class Store:
     def _write(self, start: int, end: int, switches: list[int]) -> bool:
         """Write ring[start:end) to the segments (a new one at each switch) and fdatasync."""
         rotated = False
-        bounds = [start, *switches, end]
+        # a switch at `start` itself opens the new segment before the first part, once
+        bounds = [start, *(s for s in switches if s != start), end]
         for a, b in itertools.pairwise(bounds):
             if a in switches:
                 os.fdatasync(self._fd)
@@ -621,7 +624,13 @@ class Store:
         fsync_dir(self.directory)
 
 
-def write_segment(path: Path, number: int, records: list[Record], segment_bytes: int) -> int:
+def _all_zero(data, chunk: int = 1 << 20) -> bool:
+    return all(
+        data[i : i + chunk].count(0) == len(data[i : i + chunk]) for i in range(0, len(data), chunk)
+    )
+
+
+def write_segment(path: Path, number: int, records: Iterable[Record], segment_bytes: int) -> int:
     """A clean segment holding `records`; returns the offset where its data ends."""
     body = bytearray(encode_header(number, time.time_ns(), segment_bytes))
     for rec in records:

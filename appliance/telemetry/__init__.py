@@ -1,0 +1,1 @@
+"""Telemetry: structured log, metrics, and the stats endpoint the `stats` command reads."""

@@ -1,0 +1,86 @@
+"""Helpers shared by scripts/flood and scripts/bench; not part of the daemon."""
+
+from __future__ import annotations
+
+import resource
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+def _count(mapping: dict[str, int]) -> str:
+    return ", ".join(f"{code} {n}" for code, n in sorted(mapping.items())) or "none"
+
+
+def summary_lines(result: dict) -> list[str]:
+    """A flood result (the --json object) as readable lines; bench adds the daemon's."""
+    conns = result["connections"]
+    head = f"{conns} connections, {result['procs']} flood process(es)"
+    lines = []
+    if result["mode"] == "idle":
+        lines.append(f"idle: {head}, all authenticated in {result['handshake_s']:.2f} s")
+        lines.append(
+            f"held {result['duration_s']:.1f} s: {result['connections_open']} still open, "
+            f"{result['pings']} PINGs sent, errors: {_count(result['errors'])}"
+        )
+    else:
+        rate = f"{result['rate']} frames/s" if result["rate"] else "unpaced"
+        lines.append(
+            f"load: {head}, {result['mac']}, {result['payload']} B payload "
+            f"({result['frame_bytes']} B frames), {rate}, window {result['window']}"
+        )
+        lines.append(
+            f"set-up: handshakes {result['handshake_s']:.2f} s, "
+            f"{result['prebuilt_frames']} frames pre-built in {result['prebuild_s']:.2f} s"
+        )
+        lines.append(
+            f"timed phase {result['duration_s']:.2f} s: {result['frames_sent']} frames sent, "
+            f"{result['frames_acked']} ACKed -> {result['acked_per_s']:,.0f} frames/s ACKed "
+            f"({result['acked_mib_per_s']:.2f} MiB/s of frames)"
+        )
+        lat = result["latency_ms"]
+        if lat["samples"]:
+            lines.append(
+                f"ACK latency: p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms, "
+                f"max {lat['max']:.2f} ms ({lat['samples']} samples, every {lat['every']}th frame)"
+            )
+        else:
+            lines.append("ACK latency: no samples")
+        lines.append(
+            f"after drain: {result['frames_acked_total']} ACKed in all, "
+            f"{result['frames_unacked']} never ACKed; NACKs: {_count(result['nacks'])}; "
+            f"errors: {_count(result['errors'])}"
+        )
+        each = result["acked_per_connection"]
+        if conns > 1:
+            lines.append(
+                f"frames ACKed per connection: min {each['min']}, median {each['p50']}, "
+                f"max {each['max']}"
+            )
+        if result["late_built_frames"]:
+            lines.append(
+                f"note: {result['late_built_frames']} frames were built during the timed phase "
+                f"({result['late_build_s']:.2f} s of CPU); raise --expect-rate to pre-build them"
+            )
+    if result["closed_by_server"]:
+        lines.append(f"{result['closed_by_server']} connections closed by the server")
+    lines.append(f"flood CPU: {result['flood_cpu_pct']:.0f}% (100% = one core)")
+    return lines
+
+
+def rounded(value: object, digits: int = 3) -> object:
+    """`value` with every float rounded, for JSON output."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v, digits) for v in value]
+    return value
