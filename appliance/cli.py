@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import logging
 import os
@@ -148,15 +147,7 @@ def cmd_dump(args, config) -> int:
             continue
         if args.since_seq is not None and rec.seq < args.since_seq:
             continue
-        obj = {
-            "id": rec.identity,
-            "channel": rec.channel,
-            "seq": rec.seq,
-            "ts_ns": rec.ts_ns,
-            "recv_ns": rec.recv_ns,
-            "payload_b64": base64.b64encode(rec.payload).decode(),
-        }
-        out.write(json.dumps(obj) + "\n")
+        out.write(json.dumps(tools.record_json(rec)) + "\n")
     out.flush()
     return 0
 

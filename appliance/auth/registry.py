@@ -184,20 +184,9 @@ class Registry:
         admin: bool = False,
     ) -> str:
         """Create an identity with a fresh secret and return its token (shown once)."""
-        identity = _new_identity(
-            ident,
-            kind,
-            module=module,
-            channels=channels,
-            fingerprint=fingerprint,
-            macs=macs,
-            admin=admin,
-        )
-        with self._update() as identities:
-            if ident in identities:
-                raise RegistryError(f"identity {ident!r} already exists")
-            identities[ident] = identity
-        return crypto.secret_to_token(identity.secret)
+        spec = {"ident": ident, "kind": kind, "module": module, "channels": channels}
+        spec |= {"fingerprint": fingerprint, "macs": macs, "admin": admin}
+        return self.add_many([spec])[ident]
 
     def add_many(self, specs: Iterable[dict[str, Any]]) -> dict[str, str]:
         """Create many identities with one locked read-modify-write and one file write.
