@@ -245,7 +245,10 @@ class Server:
         """Read again from paused sockets once the ring has room. A core refused with BUSY
         is read again at most once per sweep or commit while the store stays full."""
         store = self.store
-        if not self.paused or self.stopping or store.pending_bytes() > self.pending_max // 2:
+        if not self.paused or self.stopping:
+            return
+        # while commits fail, read anyway: the frames get BUSY instead of waiting unanswered
+        if store.pending_bytes() > self.pending_max // 2 and store.commit_error is None:
             return
         for conn in list(self.paused):
             if conn.commit_wait is None and len(conn.out) <= self.send_limit:
@@ -375,7 +378,8 @@ class Server:
         if conn.tls_pending:
             self._tls_handshake(conn)
             return
-        if not conn.closing and self.store.pending_bytes() > self.pending_max:
+        store = self.store
+        if not conn.closing and store.pending_bytes() > self.pending_max and not store.commit_error:
             self._pause(conn)  # the store is behind: leave the bytes in the kernel
             return
         try:

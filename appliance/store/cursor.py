@@ -123,7 +123,11 @@ class Cursor:
             if records:
                 self.position = (seg, records[-1].end)
                 return records
-            if end is not None and not end.clean and sealed:
+            # damage, not a commit in flight: in a sealed segment, or below what is durable
+            damaged = sealed or (
+                bound is not None and end is not None and (seg, end.offset) < bound
+            )
+            if end is not None and not end.clean and damaged:
                 nxt = resync(data, end.offset)
                 log.error(
                     "cursor %s: %s: %s at offset %d; skipping to %s",

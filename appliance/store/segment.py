@@ -136,7 +136,7 @@ def scan(
     data: bytes, number: int, start: int = DATA_START, end: int | None = None
 ) -> Iterator[Record | ScanEnd]:
     """Frame records from `start`, skipping padding; then one ScanEnd saying where and why
-    the valid data ended (unless it ran to `end` exactly)."""
+    the valid data ended."""
     pos = start
     end = len(data) if end is None else end
     with memoryview(data) as mv:
@@ -178,6 +178,7 @@ def scan(
                 yield ScanEnd(pos, f"unknown record type {kind}", False)
                 return
             pos += 8 + length
+    yield ScanEnd(min(pos, end), "end of file", True)
 
 
 def resync(data: bytes, start: int) -> int | None:

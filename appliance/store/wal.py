@@ -32,6 +32,7 @@ from appliance.store import meta
 from appliance.store.segment import (
     BLOCK,
     DATA_START,
+    MIN_PAD,
     QUARANTINE_SUFFIX,
     Record,
     ScanEnd,
@@ -201,6 +202,14 @@ class Store:
                     # keep what the body holds: the records carry their own CRCs
                     self._quarantine(number, path, f"bad header ({exc})", data)
                     return self._salvaged_end if newest else None
+                if offset > size:
+                    log.warning(
+                        "store: %s (%d bytes) ends before its checkpoint (%d); reading it whole",
+                        path.name,
+                        size,
+                        offset,
+                    )
+                    offset = DATA_START
                 end = self._apply(scan(data, number, max(offset, DATA_START)))
                 if end.clean:
                     return end.offset
@@ -229,7 +238,7 @@ class Store:
             if item.seq > last.get(item.identity, 0):
                 last[item.identity] = item.seq
             self.frames += 1
-        raise AssertionError("scan always ends with a ScanEnd on a zero-padded segment")
+        raise AssertionError("scan always ends with a ScanEnd")
 
     def _zero_tail(self, f, start: int, size: int) -> int:
         """Zero the torn batch: it ends within commit_max_bytes (plus padding) of `start`."""
@@ -253,7 +262,9 @@ class Store:
                 else:
                     records.append(item)
             kept = len(records)
-            self._salvaged_end = write_segment(path, number, records, self.segment_bytes)
+            self._salvaged_end = write_segment(
+                path, number, records, self.segment_bytes, keep_offsets=True
+            )
             for rec in records:
                 if rec.seq > self.last_seq.get(rec.identity, 0):
                     self.last_seq[rec.identity] = rec.seq
@@ -416,13 +427,17 @@ class Store:
                     break
                 except OSError as exc:
                     # Not durable, not acknowledged; keep the batch and try again.
-                    self.commit_error = f"{exc.strerror or exc} ({self.directory})"
-                    log.error("store: commit failed: %s; retrying", self.commit_error)
+                    error = f"{exc.strerror or exc} ({self.directory})"
+                    if error != self.commit_error:  # say it once, not every retry
+                        log.error("store: commit failed: %s; retrying until it succeeds", error)
+                    self.commit_error = error
                     self.commit_started = None  # waiting to retry is not a stuck write
                     self._segment, self._offset = seg, off
                     self._reopen(seg)
                     self._housekeeping(force=True)
                     time.sleep(RETRY_DELAY)
+            if self.commit_error is not None:
+                log.warning("store: commits succeed again")
             self.commit_error = None
             self.commit_seconds.append(time.monotonic() - started)
             self.commits += 1
@@ -630,10 +645,23 @@ def _all_zero(data, chunk: int = 1 << 20) -> bool:
     )
 
 
-def write_segment(path: Path, number: int, records: Iterable[Record], segment_bytes: int) -> int:
-    """A clean segment holding `records`; returns the offset where its data ends."""
+def write_segment(
+    path: Path,
+    number: int,
+    records: Iterable[Record],
+    segment_bytes: int,
+    *,
+    keep_offsets: bool = False,
+) -> int:
+    """A clean segment holding `records`; returns the offset where its data ends.
+
+    With `keep_offsets` each record stays at its offset (padding fills the gaps left by
+    damaged stretches), so readers' committed positions in the segment stay valid."""
     body = bytearray(encode_header(number, time.time_ns(), segment_bytes))
     for rec in records:
+        gap = rec.offset - len(body)
+        if keep_offsets and gap >= MIN_PAD:
+            body += encode_padding(gap)
         body += encode_frame_record(
             rec.identity.encode(), rec.channel, rec.seq, rec.ts_ns, rec.recv_ns, rec.payload
         )
