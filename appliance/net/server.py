@@ -62,7 +62,8 @@ class Server:
         self.accepted: dict[str, int] = dict(store.last_seq)  # replay window: highest stored seq
         self.durable: dict[str, int] = dict(store.last_seq)
         self.marks: dict[str, int] = {}  # this iteration's highest accepted seq per identity
-        self.paused: set[Connection] = set()
+        # an insertion-ordered set: paused sockets resume oldest first, so none starves
+        self.paused: dict[Connection, None] = {}
         self.commit_waiting: set[Connection] = set()
         self.listeners: list[tuple[socket.socket, ssl.SSLContext | None]] = []
         # frames, bytes_in, replays, connections, nack.CODE, error.CODE (read by telemetry)
@@ -352,12 +353,12 @@ class Server:
 
     def _pause(self, conn: Connection) -> None:
         conn.paused = True
-        self.paused.add(conn)
+        self.paused[conn] = None
         self._interest(conn, self._want(conn))
 
     def _resume(self, conn: Connection) -> None:
         conn.paused = False
-        self.paused.discard(conn)
+        self.paused.pop(conn, None)
         self._interest(conn, self._want(conn))
 
     def _on_writable(self, conn: Connection) -> None:
@@ -533,7 +534,7 @@ class Server:
         if conn.events:
             self.selector.unregister(conn.sock)
             conn.events = 0
-        self.paused.discard(conn)
+        self.paused.pop(conn, None)
         self.commit_waiting.discard(conn)
         if conn.identity is not None and self.by_identity.get(conn.identity) is conn:
             del self.by_identity[conn.identity]
