@@ -14,6 +14,7 @@ from appliance.config import Config
 from appliance.console.serial_port import install as install_console
 from appliance.net.server import Server
 from appliance.store.wal import Store
+from appliance.subscribers.manager import install as install_subscribers
 from appliance.telemetry import endpoint as stats_endpoint
 from appliance.telemetry import logs, metrics
 from hw import notify
@@ -120,6 +121,9 @@ def serve(config: Config) -> int:
     store.wakeup = server.wakeup
     addresses = server.bind()
     stats_endpoint.install(server, config)
+    subscribers = install_subscribers(server, config, addresses[0])
+    if subscribers is not None:
+        server.subscriber_lags = subscribers.lags
     fp = fingerprint()  # once: getmac can be slow, and the console runs in the loop
     install_console(
         server,
@@ -127,6 +131,7 @@ def serve(config: Config) -> int:
         stats=lambda: metrics.text(metrics.snapshot(server)),
         log_lines=log_buffer.lines,
         fingerprint=lambda: fp,
+        subscribers=subscribers.describe if subscribers is not None else None,
     )
     notifier = notify.install(server, config)
     log.info(

@@ -7,6 +7,7 @@ names the key and the file, so the CLI prints one line and exits non-zero.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,9 +117,18 @@ def parse_address(text: str) -> Address:
 class Config:
     """The effective configuration: `config.section[key]`, plus a few derived values."""
 
-    def __init__(self, values: dict[str, dict[str, Any]], source: str) -> None:
+    def __init__(
+        self,
+        values: dict[str, dict[str, Any]],
+        source: str,
+        path: str | None = None,
+        subscribers: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.values = values
         self.source = source
+        self.path = path  # the config file, if any (subscriber processes read it too)
+        # [subscribers.NAME] tables: "type", optional "channels"/"identities", options
+        self.subscribers = subscribers or {}
         self.server = values["server"]
         self.tls = values["tls"]
         self.storage = values["storage"]
@@ -129,7 +139,9 @@ class Config:
 
     def to_toml(self) -> str:
         lines = [f"# effective configuration (from {self.source})"]
-        for section, keys in self.values.items():
+        tables = list(self.values.items())
+        tables += [(f"subscribers.{name}", keys) for name, keys in self.subscribers.items()]
+        for section, keys in tables:
             lines.append(f"\n[{section}]")
             for key, value in keys.items():
                 lines.append(f"{key} = {_toml_value(value)}")
@@ -141,6 +153,10 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 
@@ -173,6 +189,7 @@ def load(path: str | os.PathLike | None = None, environ: dict | None = None) -> 
     path = path or env.get(ENV_CONFIG) or None
     source = "embedded defaults"
     data: dict = {}
+    subscribers: dict[str, dict[str, Any]] = {}
     if path:
         source = str(path)
         try:
@@ -184,6 +201,7 @@ def load(path: str | os.PathLike | None = None, environ: dict | None = None) -> 
             raise ConfigError(f"{path}: invalid TOML: not UTF-8") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        subscribers = _subscribers(data.pop("subscribers", {}), str(path))
         for section, keys in data.items():
             if section not in SCHEMA or not isinstance(keys, dict):
                 raise ConfigError(f"{path}: unknown section [{section}]")
@@ -209,4 +227,30 @@ def load(path: str | os.PathLike | None = None, environ: dict | None = None) -> 
         raise ConfigError(f"{source}: tls.enabled needs tls.cert and tls.key")
     if values["storage"]["ring_bytes"] < 4 * values["server"]["recv_bytes"]:
         raise ConfigError(f"{source}: storage.ring_bytes must be >= 4 * server.recv_bytes")
-    return Config(values, source)
+    return Config(values, source, str(path) if path else None, subscribers)
+
+
+SUBSCRIBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,59}")
+
+
+def _subscribers(tables: Any, where: str) -> dict[str, dict[str, Any]]:
+    """Check the [subscribers.NAME] tables; each needs a type, filters are lists."""
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{where}: [subscribers] must hold [subscribers.NAME] tables")
+    out = {}
+    for name, table in tables.items():
+        key = f"subscribers.{name}"
+        if not SUBSCRIBER_NAME.fullmatch(name) or not isinstance(table, dict):
+            raise ConfigError(f"{where}: [{key}]: a name of letters, digits, _ . - and a table")
+        if not isinstance(table.get("type"), str) or not table["type"]:
+            raise ConfigError(f"{where}: {key}.type is required (archive, index, ...)")
+        channels = table.get("channels", [])
+        if not isinstance(channels, list) or not all(
+            type(c) is int and 0 <= c <= 0xFFFF for c in channels
+        ):
+            raise ConfigError(f"{where}: {key}.channels must be a list of channels 0..65535")
+        identities = table.get("identities", [])
+        if not isinstance(identities, list) or not all(isinstance(i, str) for i in identities):
+            raise ConfigError(f"{where}: {key}.identities must be a list of identity ids")
+        out[name] = dict(table)
+    return out

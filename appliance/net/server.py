@@ -72,6 +72,7 @@ class Server:
         self.started = time.monotonic()
         # extension points for telemetry, the console and the watchdog: they run in this loop
         self.sweep_hooks: list[Callable[[float], None]] = []
+        self.subscriber_lags: Callable[[], dict[str, int]] = dict  # set by the subscriber manager
         self.stop_hooks: list[Callable[[], None]] = []
         self.stopping = False
         self._accepting = False

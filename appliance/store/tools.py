@@ -433,13 +433,13 @@ def cmd_worker(args, config) -> int:
     else:
         handle = _out_handler(Path(args.out), name)
     stop = threading.Event()
-    with _stop_on_signals(stop), _cursor_lock(directory, name):
+    with stop_on_signals(stop), cursor_lock(directory, name):
         cursor = Cursor(directory, name)
-        return _run_worker(cursor, handle, stop, batch=args.batch, poll=args.poll, once=args.once)
+        return run_consumer(cursor, handle, stop, batch=args.batch, poll=args.poll, once=args.once)
 
 
 @contextlib.contextmanager
-def _cursor_lock(directory: Path, name: str):
+def cursor_lock(directory: Path, name: str):
     """One worker per cursor: two would deliver the same frames and move it backwards."""
     path = directory / f"{name}{meta.CURSOR_SUFFIX}.lock"
     try:
@@ -457,7 +457,7 @@ def _cursor_lock(directory: Path, name: str):
 
 
 @contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event):
+def stop_on_signals(stop: threading.Event):
     """SIGTERM and SIGINT set `stop`: the worker finishes its batch, commits and exits."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -472,7 +472,7 @@ def _stop_on_signals(stop: threading.Event):
             signal.signal(sig, handler)
 
 
-def _run_worker(
+def run_consumer(
     cursor: Cursor, handle: Handler, stop: threading.Event, *, batch: int, poll: float, once: bool
 ) -> int:
     delivered = batches = errors = 0

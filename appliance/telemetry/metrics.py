@@ -205,7 +205,7 @@ def snapshot(server) -> dict:
             "pause_bytes": server.pending_max,
         },
         "wal": _wal(server),
-        "subscriber_lag_bytes": {},  # no subscribers yet
+        "subscriber_lag_bytes": server.subscriber_lags(),
         "process": _process_figures(),
         "disk": _disk(server.config.data_dir),
     }

@@ -1,0 +1,1 @@
+"""Subscribers: consumers of the durable log, each in its own process with its own cursor."""

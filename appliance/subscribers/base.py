@@ -1,0 +1,74 @@
+"""The subscriber plug-in interface.
+
+A subscriber is one class in one module:
+
+    from appliance.subscribers.base import Subscriber
+
+    class Printer(Subscriber):
+        def handle(self, records):
+            for rec in records:
+                print(rec.identity, rec.channel, rec.seq, rec.payload)
+
+declared in the config as
+
+    [subscribers.print]
+    type = "mypackage.printer:Printer"   # or a built-in name, or an entry point name
+    channels = [1, 2]                    # optional filters
+    identities = ["m-0007/core-2"]
+    anything_else = "goes to options"
+
+and loaded by the daemon, which runs it in a child process (`module-ingest
+subscriber NAME`) that reads the log through the cursor `sub-NAME`. The
+process hands it batches of records in log order; when `handle` returns, the
+batch counts as done and the cursor moves past it (after `flush`); when it
+raises, the batch comes again after a pause. Delivery is at least once:
+(identity, seq) names a frame, so a subscriber that must not double-count
+deduplicates on it. A subscriber that dies is restarted with backoff; a slow
+one only falls behind (its lag is in `module-ingest stats`), it never slows
+ingestion. Third-party subscribers can also register under the entry-point
+group `module_ingest.subscribers`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.store.segment import Record
+
+ENTRY_POINT_GROUP = "module_ingest.subscribers"
+
+
+@dataclass
+class Context:
+    """What a subscriber gets from the process that runs it."""
+
+    name: str
+    data_dir: Path  # the daemon's data dir; keep own files under state_dir
+    state_dir: Path  # data_dir / "subscribers" / name, created for it
+    config: Any  # the daemon's appliance.config.Config
+    # publish(channel, payload, ts_ns): store a derived frame (inference results) through
+    # the daemon, as identity "subscriber/NAME"; durable once flush() returned
+    publish: Callable[[int, bytes, int], None] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Subscriber:
+    """Base class: override `handle`; `flush` and `close` when there is state to keep."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.name = context.name
+        self.options = context.options
+
+    def handle(self, records: list[Record]) -> None:
+        """Process one batch (log order, already filtered). Raise to have it redelivered."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Make everything handled so far durable or delivered: the cursor moves next."""
+
+    def close(self) -> None:
+        """The process stops (after a flush)."""
