@@ -13,6 +13,7 @@ from appliance.auth.registry import Registry
 from appliance.config import Config
 from appliance.console.serial_port import install as install_console
 from appliance.net.server import Server
+from appliance.store import wal_dir
 from appliance.store.wal import Store
 from appliance.subscribers.manager import install as install_subscribers
 from appliance.telemetry import endpoint as stats_endpoint
@@ -28,10 +29,6 @@ DEV_CHANNELS = range(1, 9)
 
 def registry_path(data_dir: Path) -> Path:
     return data_dir / "identities.json"
-
-
-def wal_dir(data_dir: Path) -> Path:
-    return data_dir / "wal"
 
 
 def ensure_data_dir(data_dir: Path) -> None:

@@ -54,8 +54,16 @@ class Cursor:
         """Persist the position (default: after the last record read)."""
         if position is not None:
             self.position = position
-        meta.write_cursor(self.directory, self.name, self.position)
-        self.committed = self.position
+        if self.committed != self.position:  # each write wears the flash
+            meta.write_cursor(self.directory, self.name, self.position)
+            self.committed = self.position
+
+    def commit_at(self, position: tuple[int, int]) -> None:
+        """Persist `position` (behind the read position: records its owner still holds)
+        without moving where reading goes on."""
+        if self.committed != position:
+            meta.write_cursor(self.directory, self.name, position)
+            self.committed = position
 
     def read(self, max_records: int = 1000) -> list[Record]:
         """Durable records after the position (at most `max_records`); [] when caught up.

@@ -35,13 +35,13 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from appliance import app
-from appliance.store import meta
+from appliance.store import meta, wal_dir
 from appliance.store.cursor import Cursor
 from appliance.store.segment import (
     BLOCK,
@@ -417,11 +417,12 @@ def _meta_field_problems(obj: dict, path: Path, is_cursor: bool) -> list[str]:
 # -- worker --------------------------------------------------------------------------
 
 
-Handler = Callable[[list[Record]], bool]
+Handler = Callable[[list[Record]], bool | tuple[int, int]]
+IDLE_FLUSH = 1.0  # seconds between idle calls of a consumer that holds records
 
 
 def cmd_worker(args, config) -> int:
-    directory = app.wal_dir(config.data_dir)
+    directory = wal_dir(config.data_dir)
     if not directory.is_dir():
         raise ToolError(f"worker: no store at {directory}")
     try:
@@ -473,9 +474,22 @@ def stop_on_signals(stop: threading.Event):
 
 
 def run_consumer(
-    cursor: Cursor, handle: Handler, stop: threading.Event, *, batch: int, poll: float, once: bool
+    cursor: Cursor,
+    handle: Handler,
+    stop: threading.Event,
+    *,
+    batch: int,
+    poll: float,
+    once: bool,
+    idle: Callable[[], tuple[int, int] | bool | None] | None = None,
 ) -> int:
+    """Read, hand on, commit, until stopped. A handler may return a (segment, offset)
+    instead of True: it handled the batch but still holds the records from there on
+    (a subscriber gathering a larger object), so the cursor commits only up to there.
+    `idle`, called about once a second while there is nothing new, flushes such held
+    records and answers the same way (None: nothing held any more)."""
     delivered = batches = errors = 0
+    idle_at = time.monotonic()
     status = EXIT_CLEAN
     log.info("worker %s: reading from %s", cursor.name, list(cursor.position))
     while not stop.is_set():
@@ -494,15 +508,26 @@ def run_consumer(
         if not records:
             if once:
                 break
+            if idle is not None and time.monotonic() - idle_at >= IDLE_FLUSH:
+                idle_at = time.monotonic()
+                held = idle()  # False: it failed, commit nothing
+                if held is None:
+                    cursor.commit()
+                elif held:
+                    cursor.commit_at(held)
             stop.wait(poll)
             continue
         # The cursor will point past these records, so they must be on flash before
         # anyone sees them: the daemon may not have finished its fdatasync yet.
         _sync_segments(cursor.directory, records)
-        if not _handle(cursor.name, handle, records, stop, poll=poll, once=once):
+        result = _handle(cursor.name, handle, records, stop, poll=poll, once=once)
+        if not result:
             status = EXIT_DAMAGED if once else EXIT_CLEAN  # stopping: it comes again next time
             break
-        cursor.commit()
+        if isinstance(result, tuple):
+            cursor.commit_at(result)
+        else:
+            cursor.commit()
         delivered += len(records)
         batches += 1
         if once and len(records) < batch:
@@ -520,11 +545,12 @@ def run_consumer(
 
 def _handle(
     name: str, handle: Handler, records: list[Record], stop: threading.Event, *, poll, once
-) -> bool:
-    """Hand a batch on until it is handled (True); False with --once or when stopping."""
+) -> bool | tuple[int, int]:
+    """Hand a batch on until it is handled (the handler's answer); False with --once or
+    when stopping."""
     where = f"{records[0].segment}:{records[0].offset}"
     pause = poll
-    while not handle(records):
+    while not (result := handle(records)):
         if once:
             log.error("worker %s: batch at %s not handled; not committed", name, where)
             return False
@@ -532,7 +558,7 @@ def _handle(
         if stop.wait(pause):
             return False
         pause = min(pause * 2, RETRY_MAX)
-    return True
+    return result
 
 
 def _sync_segments(directory: Path, records: list[Record]) -> None:

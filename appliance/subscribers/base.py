@@ -31,6 +31,7 @@ group `module_ingest.subscribers`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,11 @@ class Context:
     # the daemon, as identity "subscriber/NAME"; durable once flush() returned
     publish: Callable[[int, bytes, int], None] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    # flush() may return the (segment, offset) of the first record it still holds
+    # (gathering a larger object); the cursor then commits only up to there, and
+    # flush() is also called about once a second while nothing new arrives
+    partial_commit: bool = True
+    stopping: threading.Event | None = None  # set when the process is asked to stop
 
 
 class Subscriber:
@@ -67,8 +73,9 @@ class Subscriber:
         """Process one batch (log order, already filtered). Raise to have it redelivered."""
         raise NotImplementedError
 
-    def flush(self) -> None:
-        """Make everything handled so far durable or delivered: the cursor moves next."""
+    def flush(self) -> tuple[int, int] | None:
+        """Make everything handled so far durable or delivered: the cursor moves next.
+        Return the (segment, offset) of the first record still held, if any."""
 
     def close(self) -> None:
         """The process stops (after a flush)."""

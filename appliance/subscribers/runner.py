@@ -17,9 +17,9 @@ import threading
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from appliance import app
 from appliance.client import Client
 from appliance.config import Config, parse_address
+from appliance.store import wal_dir
 from appliance.store.cursor import Cursor
 from appliance.store.segment import Record
 from appliance.store.tools import ToolError, cursor_lock, run_consumer, stop_on_signals
@@ -86,7 +86,9 @@ class Publisher:
         self.client.close()
 
 
-def build(name: str, config: Config) -> tuple[Subscriber, Publisher | None]:
+def build(
+    name: str, config: Config, stopping: threading.Event
+) -> tuple[Subscriber, Publisher | None]:
     table = config.subscribers.get(name)
     if table is None:
         raise ToolError(f"subscriber: no [subscribers.{name}] in {config.source}")
@@ -101,15 +103,25 @@ def build(name: str, config: Config) -> tuple[Subscriber, Publisher | None]:
         config=config,
         publish=publisher.publish if publisher else None,
         options={k: v for k, v in table.items() if k not in RUNNER_KEYS},
+        stopping=stopping,
     )
-    return cls(context), publisher
+    try:
+        return cls(context), publisher
+    except ValueError as exc:  # a bad option: one line, and the manager's backoff
+        raise ToolError(f"subscriber {name}: {exc}") from None
 
 
 def handler(sub: Subscriber, table: dict, publisher: Publisher | None):
     channels = frozenset(table.get("channels", ()))
     identities = frozenset(table.get("identities", ()))
 
-    def handle(records: list[Record]) -> bool:
+    def flush() -> tuple[int, int] | None:
+        held = sub.flush()
+        if publisher is not None:
+            publisher.flush()
+        return held
+
+    def handle(records: list[Record]) -> bool | tuple[int, int]:
         chosen = [
             r
             for r in records
@@ -119,30 +131,37 @@ def handler(sub: Subscriber, table: dict, publisher: Publisher | None):
         try:
             if chosen:
                 sub.handle(chosen)
-            sub.flush()
-            if publisher is not None:
-                publisher.flush()
+            held = flush()
         except Exception:
             log.exception("subscriber %s: batch failed; it comes again", sub.name)
             return False
-        return True
+        return True if held is None else held
 
-    return handle
+    def idle() -> tuple[int, int] | bool | None:
+        try:
+            return flush()
+        except Exception:
+            log.exception("subscriber %s: flush failed; trying again later", sub.name)
+            return False
+
+    return handle, idle
 
 
 def cmd_subscriber(args, config: Config) -> int:
     name = args.name
-    directory = app.wal_dir(config.data_dir)
-    sub, publisher = build(name, config)
-    table = config.subscribers[name]
+    directory = wal_dir(config.data_dir)
     stop = threading.Event()
+    sub, publisher = build(name, config, stop)
+    table = config.subscribers[name]
+    handle, idle = handler(sub, table, publisher)
     try:
         with stop_on_signals(stop), cursor_lock(directory, cursor_name(name)):
             cursor = Cursor(directory, cursor_name(name))
             return run_consumer(
                 cursor,
-                handler(sub, table, publisher),
+                handle,
                 stop,
+                idle=idle,
                 batch=int(table.get("batch", 1000)),
                 poll=float(table.get("poll", 0.05)),
                 once=False,
