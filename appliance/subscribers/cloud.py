@@ -33,20 +33,16 @@ after its own pause (the records already held are recognised by their log
 place and not added twice). After a crash or a restart, reading resumes at the
 cursor: what was not confirmed is read again and uploaded, at least once.
 
-Batching. An object is cut when its gzip body reaches `max_bytes` (8 MiB);
-bodies above `part_size` (16 MiB) go up as multipart uploads, so an outage
-costs a part, not the object. The runner commits after every flush, so with
-it an object holds at most one runner batch (`batch` in the table: 1000
-records by default; raise it for larger objects when the uploader lags).
-Holding records across batches in memory would need the runner to commit
-less than it handed over; persisting them under state_dir instead would write
-every frame to flash a second time, with an fsync per batch, which the
-flash-wear rule of DESIGN.md rules out. So: when the Context says
-`partial_commit` (a runner that commits only up to the position `flush()`
-returns, and calls `flush()` when idle), records are held across batches, at
-most `max_bytes` of gzip, and an object is cut at `max_bytes` or when its
+Batching. The runner commits partially (`Context.partial_commit`): `flush()`
+returns the log position of the first record it still holds, the cursor
+commits only up to there, and `flush()` also runs about once a second while
+nothing new arrives. So records are held across batches in memory (at most
+`max_bytes` of gzip, 8 MiB) and an object is cut at `max_bytes` or when its
 first record is `max_age` seconds (60) old; what is held is still in the log
-behind the cursor. Without it, every flush uploads everything.
+behind the cursor, so nothing is written to flash a second time. Bodies above
+`part_size` (16 MiB) go up as multipart uploads, so an outage costs a part,
+not the object. Without partial commits (another runner), every flush uploads
+everything.
 
 Options (all but bucket optional): endpoint (else AWS_ENDPOINT_URL_S3 or
 AWS_ENDPOINT_URL, else AWS), region (else AWS_REGION or AWS_DEFAULT_REGION,
