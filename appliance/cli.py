@@ -17,7 +17,7 @@ from appliance.config import load as load_config
 from appliance.protocol.crypto import MAC_ALGORITHMS, token_to_secret
 from appliance.store import tools
 from appliance.store.wal import read_records
-from appliance.subscribers import export_cli, runner
+from appliance.subscribers import export_cli, query_cli, runner
 from appliance.telemetry import stats_cli
 from hw import fingerprint
 
@@ -218,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     fingerprint.add_parser(sub)
     runner.add_parser(sub)
     export_cli.add_parser(sub)
+    query_cli.add_parser(sub)
     return parser
 
 

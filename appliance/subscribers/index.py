@@ -61,7 +61,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.config import ConfigError
 from appliance.store.segment import Record, fsync_dir
 from appliance.subscribers.base import Context, Subscriber
 
@@ -147,24 +146,25 @@ _LOWER = {"retention_hours": 0, "rollup_retention_hours": 0, "cache_mib": 1, "re
 
 
 def parse_options(name: str, options: dict[str, Any]) -> Options:
-    """The table's options, checked: a ConfigError naming the key (one line) if one is bad."""
+    """The table's options, checked: a ValueError naming the key (one line) if one is bad;
+    the runner reports it and the manager's backoff applies."""
     where = f"subscribers.{name}"
     known = Options.__dataclass_fields__
     values: dict[str, Any] = {}
     for key, value in options.items():
         if key not in known:
-            raise ConfigError(
+            raise ValueError(
                 f"{where}.{key}: not an option of the index (options: {', '.join(known)})"
             )
         if key == "synchronous":
             if value not in SYNCHRONOUS:
-                raise ConfigError(f"{where}.synchronous must be full or normal, got {value!r}")
+                raise ValueError(f"{where}.synchronous must be full or normal, got {value!r}")
         else:
             integer = key in ("cache_mib", "retention_chunk")
             kinds = (int,) if integer else (int, float)
             if isinstance(value, bool) or not isinstance(value, kinds) or value < _LOWER[key]:
                 what = "an integer" if integer else "a number of hours"
-                raise ConfigError(f"{where}.{key} must be {what} >= {_LOWER[key]}, got {value!r}")
+                raise ValueError(f"{where}.{key} must be {what} >= {_LOWER[key]}, got {value!r}")
         values[key] = value
     return Options(**values)
 

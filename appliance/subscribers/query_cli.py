@@ -59,7 +59,7 @@ INDEX_TYPES = ("index", "appliance.subscribers.index:IndexSubscriber")
 UNIX = re.compile(r"\d+(\.\d+)?")
 ISO = re.compile(
     r"(?P<date>\d{4}-\d\d-\d\d)"
-    r"(?:[T ](?P<time>\d\d:\d\d(?::\d\d)?)(?:[.,](?P<frac>\d+))?)?"
+    r"(?:[T ](?P<hm>\d\d:\d\d)(?::(?P<s>\d\d)(?:[.,](?P<frac>\d+))?)?)?"
     r"(?P<tz>Z|[+-]\d\d:?\d\d)?",
     re.IGNORECASE,
 )
@@ -89,7 +89,8 @@ def parse_time(text: str) -> int:
         frac = match["frac"] or ""
         tz = (match["tz"] or "Z").upper().replace("Z", "+00:00")
         try:
-            base = datetime.fromisoformat(f"{match['date']}T{match['time'] or '00:00'}{tz}")
+            hms = f"{match['hm'] or '00:00'}:{match['s'] or '00'}"
+            base = datetime.fromisoformat(f"{match['date']}T{hms}{tz}")
         except ValueError as exc:
             raise ValueError(f"{text!r}: {exc}") from None
         seconds = int(base.timestamp())  # whole seconds: no float rounding
@@ -167,11 +168,7 @@ def add_parser(subparsers) -> None:
 
 def index_names(config) -> list[str]:
     """The index subscribers: configured ones, and any with a database on disk."""
-    names = {
-        name
-        for name, table in getattr(config, "subscribers", {}).items()
-        if table.get("type") in INDEX_TYPES
-    }
+    names = {name for name, table in config.subscribers.items() if table.get("type") in INDEX_TYPES}
     root = Path(config.data_dir) / "subscribers"
     if root.is_dir():
         names.update(p.parent.name for p in root.glob(f"*/{DB_NAME}"))
