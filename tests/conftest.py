@@ -30,6 +30,22 @@ def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
         time.sleep(0.002)
 
 
+def subscriber_pid(daemon: Daemon, name: str) -> int:
+    """The pid of `daemon`'s subscriber process NAME (a child running `subscriber NAME`), or 0."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == daemon.proc.pid and b"subscriber" in cmdline and name.encode() in cmdline:
+            return int(entry)
+    return 0
+
+
 def cli(*args: str, data_dir: Path, stdin: bytes | None = None, config: Path | None = None):
     """Run `python -m appliance ARGS` against data_dir; returns the CompletedProcess."""
     env = dict(os.environ, MODULE_INGEST_DATA_DIR=str(data_dir), PYTHONPATH=str(ROOT))

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli, wait_for
+from conftest import ROOT, cli, subscriber_pid, wait_for
 
 from appliance import cli as appliance_cli  # first: it imports app before store.tools
 from appliance.client import Client
@@ -638,22 +638,6 @@ def test_export_is_a_command_of_the_cli(tmp_path):
 # -- end to end ------------------------------------------------------------------------
 
 
-def subscriber_pid(d, name: str = "arch") -> int:
-    """The subscriber process of daemon `d`: a child of its pid running `subscriber NAME`."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == d.proc.pid and b"subscriber" in cmdline and name.encode() in cmdline:
-            return int(entry)
-    return 0
-
-
 def archived(d, channel: int) -> int:
     return len(list(read_archive(d.data_dir / "subscribers/arch/archive", channel)))
 
@@ -684,7 +668,7 @@ def test_end_to_end_through_the_daemon_with_a_kill_9(daemon_factory):
         send(300)
         client.flush()
         wait_for(caught_up, what="the archive to catch up")
-        pid = wait_for(lambda: subscriber_pid(d), what="the subscriber process")
+        pid = wait_for(lambda: subscriber_pid(d, "arch"), what="the subscriber process")
         # kill it while it takes frames in: between handle, flush and the cursor commit
         before = archived(d, 1)
         send(3000)
@@ -692,7 +676,7 @@ def test_end_to_end_through_the_daemon_with_a_kill_9(daemon_factory):
         os.kill(pid, signal.SIGKILL)
         send(1500)  # while it is down, and while it restarts
         client.flush()
-        wait_for(lambda: subscriber_pid(d) not in (0, pid), what="a restart")
+        wait_for(lambda: subscriber_pid(d, "arch") not in (0, pid), what="a restart")
         send(300)
         client.flush()
         wait_for(caught_up, what="the archive to catch up after the restart")

@@ -30,7 +30,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from conftest import cli, wait_for
+from conftest import cli, subscriber_pid, wait_for
 
 from appliance.client import Client
 from appliance.store import meta
@@ -488,21 +488,6 @@ def test_bad_options_are_refused(tmp_path):
 # -- through the daemon ----------------------------------------------------------------------
 
 
-def child_pid(d, name="up") -> int:
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == d.proc.pid and b"subscriber" in cmdline and name.encode() in cmdline:
-            return int(entry)
-    return 0
-
-
 def stream(d, count: int) -> None:
     with Client(d.host, d.port, "dev/core-0", d.dev_token) as client:
         for i in range(count):
@@ -535,10 +520,12 @@ def test_daemon_uploads_every_frame_through_kill_9_and_a_restart(moto, daemon_fa
     )
     stream(d, 300)
     wait_for(lambda: frames_up(client) >= logged(d), timeout=15, what="the first upload")
-    pid = wait_for(lambda: child_pid(d), what="the uploader process")
+    pid = wait_for(lambda: subscriber_pid(d, "up"), what="the uploader process")
     os.kill(pid, signal.SIGKILL)
     stream(d, 300)
-    wait_for(lambda: child_pid(d) not in (0, pid), timeout=10, what="a restarted uploader")
+    wait_for(
+        lambda: subscriber_pid(d, "up") not in (0, pid), timeout=10, what="a restarted uploader"
+    )
     wait_for(lambda: frames_up(client) >= logged(d), timeout=15, what="uploads after kill -9")
     assert d.stop() == 0
     d.start()

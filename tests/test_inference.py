@@ -13,11 +13,10 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, cli, wait_for
+from conftest import ROOT, cli, subscriber_pid, wait_for
 from fpga_sim import FpgaSimulator, load_make_model
 
 from appliance.client import Client
@@ -589,21 +588,6 @@ class Sender:
         assert result["label"] == int(np.argmax(reference(x)))
 
 
-def child_pid(d, name: str = "ai") -> int:
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == d.proc.pid and b"subscriber" in cmdline and name.encode() in cmdline:
-            return int(entry)
-    return 0
-
-
 def window_set(d) -> set[tuple[int, int]]:
     return {(r["first"][1], r["last"][1]) for r in results(d)}
 
@@ -635,12 +619,12 @@ def test_kill_9_of_the_subscriber_loses_no_window(daemon_factory):
         lambda: state.exists() and json.loads(state.read_text())["state"]["pending"],
         what="the unfinished window on flash",
     )
-    pid = wait_for(lambda: child_pid(d), what="the subscriber process")
+    pid = wait_for(lambda: subscriber_pid(d, "ai"), what="the subscriber process")
     os.kill(pid, signal.SIGKILL)
     # more frames while it is down and restarting, and a kill in the middle of a stream
     sender.send(22)
-    wait_for(lambda: child_pid(d) not in (0, pid), timeout=10, what="a restart")
-    pid = child_pid(d)
+    wait_for(lambda: subscriber_pid(d, "ai") not in (0, pid), timeout=10, what="a restart")
+    pid = subscriber_pid(d, "ai")
     stop = threading.Event()
 
     def stream() -> None:
@@ -652,7 +636,9 @@ def test_kill_9_of_the_subscriber_loses_no_window(daemon_factory):
     try:
         wait_for(lambda: len(sender.good) >= 150, timeout=10, what="streaming")
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: child_pid(d) not in (0, pid), timeout=10, what="a second restart")
+        wait_for(
+            lambda: subscriber_pid(d, "ai") not in (0, pid), timeout=10, what="a second restart"
+        )
     finally:
         stop.set()
         thread.join()

@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import cli, wait_for
+from conftest import cli, subscriber_pid, wait_for
 
 from appliance.client import Client
 from appliance.config import ConfigError
@@ -24,22 +24,6 @@ def tapped(d, name="tap") -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def child_pid(d, name="tap") -> int:
-    """The subscriber process of daemon `d`: a child of its pid running `subscriber NAME`."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == d.proc.pid and b"subscriber" in cmdline and name.encode() in cmdline:
-            return int(entry)
-    return 0
-
-
 def stream(d, seqs_from: int, count: int, channel: int = 1) -> None:
     with Client(d.host, d.port, "dev/core-0", d.dev_token) as client:
         for i in range(count):
@@ -52,10 +36,10 @@ def test_a_subscriber_gets_every_frame_and_survives_kill_9(daemon_factory):
     stream(d, 0, 200)
     stream(d, 200, 20, channel=2)  # filtered out
     wait_for(lambda: len(tapped(d)) >= 200, what="the tap to catch up")
-    pid = wait_for(lambda: child_pid(d), what="the subscriber process")
+    pid = wait_for(lambda: subscriber_pid(d, "tap"), what="the subscriber process")
     os.kill(pid, signal.SIGKILL)
     stream(d, 1000, 300)
-    wait_for(lambda: child_pid(d) not in (0, pid), timeout=10, what="a restart")
+    wait_for(lambda: subscriber_pid(d, "tap") not in (0, pid), timeout=10, what="a restart")
     wait_for(
         lambda: {r["payload_b64"] for r in tapped(d)} >= {r["payload_b64"] for r in dumped(d, 1)},
         what="every channel-1 frame in the tap",
@@ -69,7 +53,7 @@ def test_a_subscriber_gets_every_frame_and_survives_kill_9(daemon_factory):
     assert stats.returncode == 0, stats.stderr.decode()
     lags = json.loads(stats.stdout)["subscriber_lag_bytes"]
     assert set(lags) == {"tap"} and lags["tap"] >= 0
-    pid = child_pid(d)
+    pid = subscriber_pid(d, "tap")
     assert d.stop() == 0
     assert not Path(f"/proc/{pid}").exists()  # the daemon stopped its subscriber
 
