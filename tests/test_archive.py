@@ -38,6 +38,7 @@ from appliance.subscribers.archive import (
     read_index,
 )
 from appliance.subscribers.base import Context
+from appliance.subscribers.timeargs import parse_time
 
 DEV = "dev/core-0"
 SEC = 1_000_000_000
@@ -532,13 +533,13 @@ def test_bad_options_are_one_line_errors(tmp_path, options, message):
     ],
 )
 def test_times_parse(text, ns):
-    assert export_cli.parse_time(text) == ns
+    assert parse_time(text) == ns
 
 
 @pytest.mark.parametrize("text", ["", "yesterday", "-5", "1.5ns", "1969-12-31", "2026-13-01"])
 def test_bad_times_are_refused(text):
     with pytest.raises(ValueError):
-        export_cli.parse_time(text)
+        parse_time(text)
 
 
 def test_export_jsonl_and_raw(tmp_path, capsys):
@@ -604,7 +605,10 @@ def test_export_picks_the_archive(tmp_path, capsys):
         (["--channel", "1"], "export: no archive under"),
         (["--channel", "1", "--archive", "x"], "export: no archive named 'x'"),
         (["--channel", "70000"], "a channel is 0..65535"),
-        (["--channel", "1", "--from", "soon"], "argument --from: expected an ISO-8601 time"),
+        (
+            ["--channel", "1", "--from", "soon"],
+            "argument --from: expected Unix seconds or nanoseconds, or ISO-8601",
+        ),
         (["--channel", "1", "--from", "2026-11-27", "--to", "2026-11-26"], "--to must be later"),
         (["--from", "0"], "the following arguments are required: --channel"),
         (["--channel", "1", "--format", "csv"], "invalid choice: 'csv'"),

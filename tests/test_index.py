@@ -28,7 +28,7 @@ from appliance.subscribers.index import (
     IndexReader,
     IndexSubscriber,
 )
-from appliance.subscribers.query_cli import format_time, parse_time
+from appliance.subscribers.timeargs import format_time, parse_time
 
 T0 = 1_714_564_800 * 10**9  # 2024-05-01T12:00:00Z, a whole minute
 ME = "m-1/core-0"

@@ -31,65 +31,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
-from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from appliance.store.tools import ToolError, record_json
 from appliance.subscribers.archive import ARCHIVE_DIR, STATE_FILE, read_archive
+from appliance.subscribers.timeargs import channel_arg, time_arg
 
 ARCHIVE_TYPES = ("archive", "appliance.subscribers.archive:ArchiveSubscriber")
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-NS_DIGITS = 16  # a bare integer this long is nanoseconds (seconds reach 16 digits in 3e8 years)
 EXIT_DAMAGED = 1
-
-
-def parse_time(text: str) -> int:
-    """A time as Unix nanoseconds (the formats are in the module docstring)."""
-    raw = text.strip()
-    number = re.fullmatch(r"(\d+(?:\.\d*)?)(s|ns)?", raw)
-    if number:
-        value, unit = number.groups()
-        if unit == "ns" or (unit is None and "." not in value and len(value) >= NS_DIGITS):
-            if "." in value:
-                raise ValueError(f"nanoseconds are a whole number, got {text!r}")
-            return int(value)
-        try:
-            return int(Decimal(value) * 1_000_000_000)
-        except InvalidOperation:
-            pass
-    else:
-        try:
-            stamp = datetime.fromisoformat(raw.replace("z", "Z"))
-        except ValueError:
-            pass
-        else:
-            if stamp.tzinfo is None:
-                stamp = stamp.replace(tzinfo=UTC)
-            delta = stamp - EPOCH
-            ns = (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
-            if ns < 0:
-                raise ValueError(f"{text!r} is before 1970")
-            return ns
-    raise ValueError(
-        f"expected an ISO-8601 time (2026-11-27T14:05:00Z), Unix seconds or nanoseconds,"
-        f" got {text!r}"
-    )
-
-
-def _time_arg(text: str) -> int:
-    try:
-        return parse_time(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _channel(text: str) -> int:
-    if not text.isdigit() or int(text) > 0xFFFF:
-        raise argparse.ArgumentTypeError(f"a channel is 0..65535, got {text!r}")
-    return int(text)
 
 
 def add_parser(subparsers) -> None:
@@ -101,9 +51,9 @@ def add_parser(subparsers) -> None:
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--channel", type=_channel, required=True, help="the channel (0..65535)")
-    p.add_argument("--from", dest="start", metavar="T", type=_time_arg, help="from T (inclusive)")
-    p.add_argument("--to", dest="end", metavar="T", type=_time_arg, help="up to T (exclusive)")
+    p.add_argument("--channel", type=channel_arg, required=True, help="the channel (0..65535)")
+    p.add_argument("--from", dest="start", metavar="T", type=time_arg, help="from T (inclusive)")
+    p.add_argument("--to", dest="end", metavar="T", type=time_arg, help="up to T (exclusive)")
     p.add_argument("--identity", metavar="ID", help="only frames of this identity")
     p.add_argument(
         "--format", choices=("jsonl", "raw"), default="jsonl", help="output (default jsonl)"

@@ -36,11 +36,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sqlite3
 import sys
-from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from appliance.subscribers.index import (
@@ -50,19 +47,12 @@ from appliance.subscribers.index import (
     IndexReader,
     unfold_seq,
 )
+from appliance.subscribers.timeargs import channel_arg, format_time, time_arg
 
 DEFAULT_LIMIT = 10000
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 INDEX_TYPES = ("index", "appliance.subscribers.index:IndexSubscriber")
-
-UNIX = re.compile(r"\d+(\.\d+)?")
-ISO = re.compile(
-    r"(?P<date>\d{4}-\d\d-\d\d)"
-    r"(?:[T ](?P<hm>\d\d:\d\d)(?::(?P<s>\d\d)(?:[.,](?P<frac>\d+))?)?)?"
-    r"(?P<tz>Z|[+-]\d\d:?\d\d)?",
-    re.IGNORECASE,
-)
 
 
 class QueryError(Exception):
@@ -74,50 +64,6 @@ class QueryError(Exception):
 
 
 # -- times -----------------------------------------------------------------------------
-
-
-def parse_time(text: str) -> int:
-    """Unix seconds or ISO-8601 (UTC unless it says otherwise) as ns since the epoch."""
-    text = text.strip()
-    if UNIX.fullmatch(text):
-        try:
-            return int(Decimal(text) * 10**9)
-        except InvalidOperation:
-            pass
-    match = ISO.fullmatch(text)
-    if match:
-        frac = match["frac"] or ""
-        tz = (match["tz"] or "Z").upper().replace("Z", "+00:00")
-        try:
-            hms = f"{match['hm'] or '00:00'}:{match['s'] or '00'}"
-            base = datetime.fromisoformat(f"{match['date']}T{hms}{tz}")
-        except ValueError as exc:
-            raise ValueError(f"{text!r}: {exc}") from None
-        seconds = int(base.timestamp())  # whole seconds: no float rounding
-        if seconds >= 0:
-            return seconds * 10**9 + int(frac[:9].ljust(9, "0"))
-        raise ValueError(f"{text!r} is before 1970")
-    raise ValueError(f"expected Unix seconds or ISO-8601 (e.g. 2024-05-01T12:00:00Z), got {text!r}")
-
-
-def format_time(ns: int) -> str:
-    """ns since the epoch as ISO-8601 UTC with nanoseconds, e.g. 2024-05-01T12:00:00.000000001Z."""
-    seconds, rest = divmod(ns, 10**9)
-    day = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{day}.{rest:09d}Z"
-
-
-def _time_arg(text: str) -> int:
-    try:
-        return parse_time(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _channel(text: str) -> int:
-    if not text.isdigit() or int(text) > 0xFFFF:
-        raise argparse.ArgumentTypeError(f"a channel is 0..65535, got {text!r}")
-    return int(text)
 
 
 def _count(text: str) -> int:
@@ -136,15 +82,15 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--index", metavar="NAME", help="the index subscriber, if there are several")
     p.add_argument("--identity", metavar="ID", help="only this identity")
-    p.add_argument("--channel", type=_channel, metavar="N", help="only this channel")
+    p.add_argument("--channel", type=channel_arg, metavar="N", help="only this channel")
     p.add_argument(
         "--from",
         dest="start",
-        type=_time_arg,
+        type=time_arg,
         metavar="T",
         help="from this time on (sender clock): Unix seconds or ISO-8601, UTC by default",
     )
-    p.add_argument("--to", dest="end", type=_time_arg, metavar="T", help="up to (not at) T")
+    p.add_argument("--to", dest="end", type=time_arg, metavar="T", help="up to (not at) T")
     p.add_argument(
         "--stats",
         nargs="?",
