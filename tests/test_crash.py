@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import base64
 import json
-import random
-import threading
 import time
 from collections import Counter
 
 import pytest
 from conftest import cli, wait_for
+from streaming import Streamer
 
 from appliance.client import Client
 from appliance.store.wal import read_records
@@ -25,77 +24,6 @@ DEV = "dev/core-0"
 CORE = "m-1/core-1"
 CLIENT_TIMEOUT = 20.0  # covers a daemon restart, with room to spare on a slow machine
 ROUND_TIMEOUT = 15.0  # for ACKs to advance in one round
-
-
-class CountingClient(Client):
-    """The real client, counting the WELCOMEs it got: one per (re)connection that succeeded."""
-
-    welcomes = 0
-
-    def _on_welcome(self, last_seq: int, channels: list[int]) -> None:
-        self.welcomes += 1
-        super()._on_welcome(last_seq, channels)
-
-
-class Streamer(threading.Thread):
-    """One sensor core streaming DATA frames through appliance.client.Client until stopped."""
-
-    def __init__(self, daemon, ident: str, token: str, channels: list[int], seed: int) -> None:
-        super().__init__(name=f"streamer-{ident}", daemon=True)
-        self.core = ident
-        # max_unacked far above what can be in flight: the limit's own path is tested below
-        self.client = CountingClient(
-            daemon.host, daemon.port, ident, token, timeout=CLIENT_TIMEOUT, max_unacked=10**7
-        )
-        self.channels = channels
-        self.rng = random.Random(seed)
-        self.lock = threading.Lock()
-        self.sent: dict[int, tuple[int, int, bytes]] = {}  # seq -> (channel, ts_ns, payload)
-        self.stopping = threading.Event()
-        self.error: BaseException | None = None
-        self.finished = False
-
-    def run(self) -> None:
-        client = self.client
-        rng = self.rng
-        try:
-            client.connect()
-            n = 0
-            while not self.stopping.is_set():
-                n += 1
-                channel = rng.choice(self.channels)
-                payload = f"{self.core}#{n}#".encode() + rng.randbytes(rng.randrange(0, 300))
-                ts_ns = time.time_ns()
-                # noted before send(): it may block reconnecting, and the daemon may store and
-                # ACK the frame before send() returns
-                seq = client.next_seq
-                with self.lock:
-                    assert seq not in self.sent, f"seq {seq} handed out twice"
-                    self.sent[seq] = (channel, ts_ns, payload)
-                assert client.send(channel, payload, ts_ns=ts_ns) == seq
-            client.flush(CLIENT_TIMEOUT)
-            client.close()
-            self.finished = True
-        except BaseException as exc:
-            self.error = exc
-
-    @property
-    def acked(self) -> int:
-        if self.error is not None:
-            raise AssertionError(f"{self.core}: the client failed: {self.error!r}")
-        return self.client.acked
-
-    def sent_upto(self, seq: int) -> set[int]:
-        with self.lock:
-            return {s for s in self.sent if s <= seq}
-
-    def finish(self) -> None:
-        self.stopping.set()
-        self.join(CLIENT_TIMEOUT + 10)
-        assert not self.is_alive(), f"{self.core}: the client thread did not finish"
-        if self.error is not None:
-            raise AssertionError(f"{self.core}: the client failed: {self.error!r}")
-        assert self.finished
 
 
 def stored(daemon) -> dict[str, list[int]]:
@@ -153,8 +81,8 @@ def two_cores(daemon_factory):
     token = json.loads(result.stdout)["token"]
     d.start()
     streamers = [
-        Streamer(d, DEV, d.dev_token, list(range(1, 9)), seed=1),
-        Streamer(d, CORE, token, [1, 2, 3, 4], seed=2),
+        Streamer(d, DEV, d.dev_token, list(range(1, 9)), seed=1, timeout=CLIENT_TIMEOUT),
+        Streamer(d, CORE, token, [1, 2, 3, 4], seed=2, timeout=CLIENT_TIMEOUT),
     ]
     yield d, streamers
     for s in streamers:

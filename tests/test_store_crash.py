@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import random
 import socket
-import threading
 import time
 from collections import Counter
 
 import pytest
 from conftest import cli, wait_for
+from streaming import Streamer
 
-from appliance.client import Client
 from appliance.protocol import crypto
 from appliance.protocol.client_session import ClientSession
 from appliance.protocol.frames import FrameType
@@ -34,6 +33,7 @@ ROUNDS = 56
 MAX_DELAY = 0.15  # a kill comes 0 to 150 ms after the restart, or after the ACKs moved on
 RATE = 800  # frames per second per core: about 1 MB/s in all, a rotation every second or so
 CLIENT_TIMEOUT = 30.0  # the clients ride over every restart
+PACE = {"timeout": CLIENT_TIMEOUT, "rate": RATE, "max_payload": 1200}
 ROUND_TIMEOUT = 15.0  # for a reconnect and ACKs to move on in one round
 CONFIG = """
 [server]
@@ -42,86 +42,6 @@ handshake_timeout = 5.0
 segment_bytes = 1048576
 ring_bytes = 1048576
 """
-
-
-class CountingClient(Client):
-    """The real client, counting the WELCOMEs it got and checking each against its ACKs."""
-
-    welcomes = 0
-    welcome_behind: list[tuple[int, int]] = []  # (last_seq in a WELCOME, acked before it)
-
-    def _on_welcome(self, last_seq: int, channels: list[int]) -> None:
-        self.welcomes += 1
-        if last_seq < self.acked:
-            self.welcome_behind.append((last_seq, self.acked))
-        super()._on_welcome(last_seq, channels)
-
-
-class Streamer(threading.Thread):
-    """One core streaming DATA at a steady rate until stopped; remembers what it sent."""
-
-    def __init__(self, daemon, ident: str, token: str, channels: list[int], seed: int) -> None:
-        super().__init__(name=f"streamer-{ident}", daemon=True)
-        self.core = ident
-        self.client = CountingClient(
-            daemon.host, daemon.port, ident, token, timeout=CLIENT_TIMEOUT, max_unacked=10**7
-        )
-        self.client.welcome_behind = []
-        self.channels = channels
-        self.rng = random.Random(seed)
-        self.lock = threading.Lock()
-        self.sent: dict[int, tuple[int, int, bytes]] = {}  # seq -> (channel, ts_ns, payload)
-        self.stopping = threading.Event()
-        self.error: BaseException | None = None
-        self.finished = False
-
-    def run(self) -> None:
-        client, rng = self.client, self.rng
-        try:
-            client.connect()
-            n = 0
-            next_burst = time.monotonic()
-            while not self.stopping.is_set():
-                # pace the load (bursts of 10), so the log grows by MiB, not by GiB
-                pause = next_burst - time.monotonic()
-                if pause > 0:
-                    time.sleep(pause)
-                next_burst = max(next_burst + 10 / RATE, time.monotonic())
-                for _ in range(10):
-                    n += 1
-                    channel = rng.choice(self.channels)
-                    payload = f"{self.core}#{n}#".encode() + rng.randbytes(rng.randrange(1200))
-                    ts_ns = time.time_ns()
-                    # noted before send(): it may block reconnecting, and the daemon may
-                    # store and ACK the frame before send() returns
-                    seq = client.next_seq
-                    with self.lock:
-                        assert seq not in self.sent, f"seq {seq} handed out twice"
-                        self.sent[seq] = (channel, ts_ns, payload)
-                    assert client.send(channel, payload, ts_ns=ts_ns) == seq
-            client.flush(CLIENT_TIMEOUT)
-            client.close()
-            self.finished = True
-        except BaseException as exc:
-            self.error = exc
-
-    @property
-    def acked(self) -> int:
-        if self.error is not None:
-            raise AssertionError(f"{self.core}: the client failed: {self.error!r}")
-        return self.client.acked
-
-    def sent_upto(self, seq: int) -> set[int]:
-        with self.lock:
-            return {s for s in self.sent if s <= seq}
-
-    def finish(self) -> None:
-        self.stopping.set()
-        self.join(CLIENT_TIMEOUT + 10)
-        assert not self.is_alive(), f"{self.core}: the client thread did not finish"
-        if self.error is not None:
-            raise AssertionError(f"{self.core}: the client failed: {self.error!r}")
-        assert self.finished
 
 
 def on_disk(daemon) -> dict[str, list]:
@@ -199,8 +119,8 @@ def two_cores(daemon_factory):
     token = json.loads(result.stdout)["token"]
     d.start()
     streamers = [
-        Streamer(d, DEV, d.dev_token, list(range(1, 9)), seed=SEED + 1),
-        Streamer(d, CORE, token, [1, 2, 3, 4], seed=SEED + 2),
+        Streamer(d, DEV, d.dev_token, list(range(1, 9)), seed=SEED + 1, **PACE),
+        Streamer(d, CORE, token, [1, 2, 3, 4], seed=SEED + 2, **PACE),
     ]
     yield d, streamers
     for s in streamers:
