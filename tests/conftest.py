@@ -70,6 +70,7 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
         self.log_path = data_dir.with_suffix(".log")
         self.extra_env: dict[str, str] = {}
+        self.command = [sys.executable, "-m", "appliance", "serve"]  # or a test's own runner
 
     def start(self) -> Daemon:
         env = dict(
@@ -83,7 +84,7 @@ class Daemon:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
         offset = log.tell()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "serve"],
+            self.command,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -102,6 +103,9 @@ class Daemon:
             time.sleep(0.02)
         self.proc.kill()
         raise RuntimeError(f"daemon did not start:\n{self.log()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -6,6 +6,8 @@ import random
 import threading
 import time
 
+from conftest import wait_for
+
 from appliance.client import Client
 
 
@@ -106,3 +108,17 @@ class Streamer(threading.Thread):
         if self.error is not None:
             raise AssertionError(f"{self.core}: the client failed: {self.error!r}")
         assert self.finished
+
+
+def wait_resumed(
+    streamers: list[Streamer], acked_at_kill: dict[str, int], welcomes: dict[str, int], timeout
+) -> None:
+    """Each client reconnected by itself (a WELCOME after `welcomes`) and got ACKs well past
+    what it had when the daemon was killed."""
+    for s in streamers:
+        target = acked_at_kill[s.core] + 50
+        wait_for(
+            lambda s=s, w=welcomes[s.core], t=target: s.acked >= t and s.client.welcomes > w,
+            timeout,
+            f"{s.core}: resumed after the last restart",
+        )

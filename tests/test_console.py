@@ -14,15 +14,13 @@ import os
 import random
 import re
 import select
-import signal
-import subprocess
 import sys
 import time
 import tty
 from pathlib import Path
 
 import pytest
-from conftest import LISTENING, ROOT, cli, wait_for
+from conftest import Daemon, wait_for
 
 from appliance import __version__
 from appliance.auth.registry import Registry
@@ -639,80 +637,26 @@ class Terminal:
         return text[len(echo) : -len(PROMPT)]
 
 
-class ConsoleDaemon:
+class ConsoleDaemon(Daemon):
+    """The daemon with its console on `port`, built by RUNNER (a fixed fingerprint and
+    stats text, so the console's answers can be checked to the letter)."""
+
     def __init__(self, tmp_path: Path, port: str, idle_logout: float = 300.0) -> None:
-        self.data_dir = tmp_path / "data"
-        self.data_dir.mkdir()
-        self.log_path = tmp_path / "daemon.log"
-        self.config = tmp_path / "module-ingest.toml"
-        self.config.write_text(
-            "[server]\n"
-            'listen = "127.0.0.1:0"\n'
+        config = (
             "[storage]\n"
-            f"data_dir = {json.dumps(str(self.data_dir))}\n"
             "segment_bytes = 1048576\n"
             "ring_bytes = 1048576\n"
             "[console]\n"
             f"port = {json.dumps(port)}\n"
             f"idle_logout = {idle_logout}\n"
         )
-        self.runner = tmp_path / "runner.py"
-        self.runner.write_text(RUNNER)
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-
-    def add_identity(self, ident: str, *args: str) -> str:
-        result = cli("identity", "add", ident, *args, data_dir=self.data_dir)
-        assert result.returncode == 0, result.stderr.decode()
-        return json.loads(result.stdout)["token"]
-
-    def start(self) -> ConsoleDaemon:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MODULE_INGEST_")}
-        env["PYTHONPATH"] = str(ROOT)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(self.runner), str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
-        deadline = time.monotonic() + 15.0
-        while True:
-            match = LISTENING.search(self.log())
-            if match:
-                self.port = int(match.group(2))
-                return self
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"daemon did not start:\n{self.log()}")
-            time.sleep(0.01)  # polling the log file, bounded by the deadline
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    @property
-    def dev_token(self) -> str:
-        return json.loads((self.data_dir / "dev-credentials.json").read_text())["token"]
+        super().__init__(tmp_path / "data", config)
+        runner = tmp_path / "runner.py"
+        runner.write_text(RUNNER)
+        self.command = [sys.executable, str(runner), str(self.config)]
 
     def client(self, token: str | None = None) -> Client:
         return Client("127.0.0.1", self.port, "dev/core-0", token or self.dev_token, timeout=WAIT)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(WAIT)
-        finally:
-            self.proc = None
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 from conftest import cli, wait_for
-from streaming import Streamer
+from streaming import Streamer, wait_resumed
 
 from appliance.client import Client
 from appliance.store.wal import read_records
@@ -129,15 +129,7 @@ def test_acked_frames_survive_repeated_sigkill_mid_stream(two_cores):
         daemon.start()
 
     # the clients resume by themselves after the last restart, too
-    for s in streamers:
-        target = acked_at_kill[s.core] + 50
-        wait_for(
-            lambda s=s, w=welcomes_at_start[s.core], t=target: (
-                s.acked >= t and s.client.welcomes > w
-            ),
-            ROUND_TIMEOUT,
-            f"{s.core}: resumed after the last restart",
-        )
+    wait_resumed(streamers, acked_at_kill, welcomes_at_start, ROUND_TIMEOUT)
     for s in streamers:
         s.finish()
         # the first connection, then at least one per round that waited for a WELCOME
