@@ -16,7 +16,7 @@ from appliance.config import ConfigError, parse_address
 from appliance.config import load as load_config
 from appliance.protocol.crypto import MAC_ALGORITHMS, token_to_secret
 from appliance.store import tools
-from appliance.store.wal import read_records
+from appliance.store.recovery import read_records
 from appliance.subscribers import export_cli, query_cli, runner
 from appliance.telemetry import stats_cli
 from hw import fingerprint

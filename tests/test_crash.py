@@ -18,7 +18,7 @@ from conftest import cli, wait_for
 from streaming import Streamer, wait_resumed
 
 from appliance.client import Client
-from appliance.store.wal import read_records
+from appliance.store.recovery import read_records
 
 DEV = "dev/core-0"
 CORE = "m-1/core-1"

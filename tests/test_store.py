@@ -25,6 +25,7 @@ from conftest import ROOT, wait_for
 
 from appliance.store import meta
 from appliance.store.cursor import Cursor
+from appliance.store.recovery import read_records
 from appliance.store.segment import (
     BLOCK,
     DATA_START,
@@ -38,7 +39,7 @@ from appliance.store.segment import (
     list_segments,
     segment_name,
 )
-from appliance.store.wal import Store, read_records
+from appliance.store.wal import Store
 
 MiB = 1024 * 1024
 SMALL = {"segment_bytes": MiB, "ring_bytes": MiB}

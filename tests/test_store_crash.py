@@ -23,8 +23,8 @@ from streaming import Streamer, wait_resumed
 from appliance.protocol import crypto
 from appliance.protocol.client_session import ClientSession
 from appliance.protocol.frames import FrameType
+from appliance.store.recovery import read_records
 from appliance.store.segment import list_segments
-from appliance.store.wal import read_records
 
 DEV = "dev/core-0"
 CORE = "m-1/core-1"

@@ -21,9 +21,9 @@ from conftest import ROOT, Daemon, cli, wait_for
 from appliance.client import Client
 from appliance.config import load as load_config
 from appliance.store import meta
+from appliance.store.recovery import read_records
 from appliance.store.segment import BLOCK, DATA_START, list_segments, segment_name
 from appliance.store.tools import ToolError, add_parsers
-from appliance.store.wal import read_records
 
 DEV = "dev/core-0"
 STORE_CONFIG = "[storage]\nsegment_bytes = 1048576\n"

@@ -43,6 +43,7 @@ from typing import IO
 
 from appliance.store import meta, wal_dir
 from appliance.store.cursor import Cursor
+from appliance.store.recovery import read_segment_records, write_segment
 from appliance.store.segment import (
     BLOCK,
     DATA_START,
@@ -60,7 +61,6 @@ from appliance.store.segment import (
     segment_name,
     segment_number,
 )
-from appliance.store.wal import read_segment_records, write_segment
 
 log = logging.getLogger("appliance.tools")
 

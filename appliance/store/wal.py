@@ -25,28 +25,19 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from appliance.store import meta
+from appliance.store.recovery import read_segment_records, recover
 from appliance.store.segment import (
     BLOCK,
     DATA_START,
-    MIN_PAD,
-    QUARANTINE_SUFFIX,
-    Record,
-    ScanEnd,
-    SegmentError,
-    check_header,
-    encode_frame_record,
     encode_header,
     encode_padding,
     fsync_dir,
     list_segments,
     padding_to_block,
-    resync,
-    scan,
-    scan_all,
     segment_name,
 )
 
@@ -156,128 +147,16 @@ class Store:
             os.close(self._fd)
             self._fd = -1
 
-    # -- recovery ------------------------------------------------------------
-
     def _recover(self) -> None:
-        segments = list_segments(self.directory)
-        start_seg, start_off = segments[0][0] if segments else 1, DATA_START
-        try:
-            saved = meta.read(self.directory / meta.STORE_META)
-            start_seg, start_off = (int(v) for v in saved["checkpoint"])
-            self.last_seq = {str(k): int(v) for k, v in saved["last_seq"].items()}
-            self.frames = int(saved["frames"])
-        except meta.MetaError as exc:
-            if segments:
-                log.warning("store: %s; reading every segment to rebuild the state", exc)
-        except (KeyError, TypeError, ValueError, AttributeError):
-            log.warning("store: store.meta has bad fields; reading every segment")
-            self.last_seq, self.frames = {}, 0
-            start_seg, start_off = (segments[0][0] if segments else 1), DATA_START
-        todo = [(n, p) for n, p in segments if n >= start_seg]
-        if not todo:
-            self._start_segment(max([start_seg, *(n + 1 for n, _ in segments)]))
-            return
-        for i, (number, path) in enumerate(todo):
-            newest = i == len(todo) - 1
-            offset = start_off if number == start_seg else DATA_START
-            end = self._recover_segment(number, path, offset, newest=newest)
-            if newest:
-                if end is None:  # no usable header: never append behind it
-                    self._start_segment(number + 1)
-                else:
-                    self._open_segment(number, path, end)
-
-    def _recover_segment(self, number: int, path: Path, offset: int, *, newest: bool) -> int | None:
-        """Scan one segment from `offset`; the offset where its data ends, None if unusable."""
-        with open(path, "r+b") as f:
-            size = os.fstat(f.fileno()).st_size
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-            try:
-                try:
-                    check_header(data, number)
-                except SegmentError as exc:
-                    if newest and _all_zero(data):
-                        log.warning("store: %s was never written; starting it anew", path.name)
-                        return write_segment(path, number, [], self.segment_bytes)
-                    # keep what the body holds: the records carry their own CRCs
-                    self._quarantine(number, path, f"bad header ({exc})", data)
-                    return self._salvaged_end if newest else None
-                if offset > size:
-                    log.warning(
-                        "store: %s (%d bytes) ends before its checkpoint (%d); reading it whole",
-                        path.name,
-                        size,
-                        offset,
-                    )
-                    offset = DATA_START
-                end = self._apply(scan(data, number, max(offset, DATA_START)))
-                if end.clean:
-                    return end.offset
-                if newest and resync(data, end.offset) is None:
-                    torn = self._zero_tail(f, end.offset, size)
-                    log.warning(
-                        "store: %s: %s at offset %d; torn tail of %d bytes cleared",
-                        path.name,
-                        end.reason,
-                        end.offset,
-                        torn,
-                    )
-                    return end.offset
-                self._quarantine(number, path, f"{end.reason} at offset {end.offset}", data)
-                return self._salvaged_end if newest else None
-            finally:
-                if isinstance(data, mmap.mmap):
-                    data.close()
-
-    def _apply(self, items: Iterator[Record | ScanEnd]) -> ScanEnd:
-        """Fold scanned records into the replay window; the ScanEnd that ended them."""
-        last = self.last_seq
-        for item in items:
-            if isinstance(item, ScanEnd):
-                return item
-            if item.seq > last.get(item.identity, 0):
-                last[item.identity] = item.seq
-            self.frames += 1
-        raise AssertionError("scan always ends with a ScanEnd")
-
-    def _zero_tail(self, f, start: int, size: int) -> int:
-        """Zero the torn batch: it ends within commit_max_bytes (plus padding) of `start`."""
-        end = min(size, start + self.commit_max_bytes + 2 * BLOCK)
-        os.pwrite(f.fileno(), bytes(end - start), start)
-        os.fdatasync(f.fileno())
-        return end - start
-
-    def _quarantine(self, number: int, path: Path, why: str, data, *, salvage: bool = True) -> None:
-        """Set a damaged segment aside and put its good records into a clean one of the same
-        number, so the rest of the data is still served."""
-        aside = path.with_name(f"{number:012d}{QUARANTINE_SUFFIX}")
-        os.replace(path, aside)
-        kept = bad = 0
-        self._salvaged_end = DATA_START
-        if salvage:
-            records = []
-            for item in scan_all(data, number):
-                if isinstance(item, ScanEnd):
-                    bad += not item.clean
-                else:
-                    records.append(item)
-            kept = len(records)
-            self._salvaged_end = write_segment(
-                path, number, records, self.segment_bytes, keep_offsets=True
+        found = recover(self.directory, self.segment_bytes, self.commit_max_bytes)
+        self.last_seq = found.last_seq
+        self.frames = found.frames
+        if found.fresh:
+            self._start_segment(found.segment)
+        else:
+            self._open_segment(
+                found.segment, self.directory / segment_name(found.segment), found.offset
             )
-            for rec in records:
-                if rec.seq > self.last_seq.get(rec.identity, 0):
-                    self.last_seq[rec.identity] = rec.seq
-        fsync_dir(self.directory)
-        log.error(
-            "store: %s: %s; set aside as %s, %d good records kept in %s, %d damaged stretch(es)",
-            path.name,
-            why,
-            aside.name,
-            kept,
-            path.name if salvage else "-",
-            bad,
-        )
 
     # -- segments (committer thread, and open) ---------------------------------
 
@@ -637,66 +516,3 @@ class Store:
             os.unlink(path)
             total -= size
         fsync_dir(self.directory)
-
-
-def _all_zero(data, chunk: int = 1 << 20) -> bool:
-    return all(
-        data[i : i + chunk].count(0) == len(data[i : i + chunk]) for i in range(0, len(data), chunk)
-    )
-
-
-def write_segment(
-    path: Path,
-    number: int,
-    records: Iterable[Record],
-    segment_bytes: int,
-    *,
-    keep_offsets: bool = False,
-) -> int:
-    """A clean segment holding `records`; returns the offset where its data ends.
-
-    With `keep_offsets` each record stays at its offset (padding fills the gaps left by
-    damaged stretches), so readers' committed positions in the segment stay valid."""
-    body = bytearray(encode_header(number, time.time_ns(), segment_bytes))
-    for rec in records:
-        gap = rec.offset - len(body)
-        if keep_offsets and gap >= MIN_PAD:
-            body += encode_padding(gap)
-        body += encode_frame_record(
-            rec.identity.encode(), rec.channel, rec.seq, rec.ts_ns, rec.recv_ns, rec.payload
-        )
-    end = len(body)
-    pad = padding_to_block(end)
-    if pad:
-        body += encode_padding(pad)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, body)
-        if len(body) < segment_bytes:
-            os.posix_fallocate(fd, 0, segment_bytes)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return len(body)
-
-
-def read_segment_records(path: Path, number: int, start: int = DATA_START) -> Iterator[Record]:
-    """The good records of one segment file, skipping damaged stretches."""
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            try:
-                check_header(data, number)
-            except SegmentError:
-                return
-            for item in scan_all(data, number, start):
-                if not isinstance(item, ScanEnd):
-                    yield item
-
-
-def read_records(directory: str | os.PathLike) -> Iterator[Record]:
-    """Every valid record, oldest first; safe beside a running daemon (a tail being
-    written reads as the end)."""
-    for number, path in list_segments(Path(directory)):
-        yield from read_segment_records(path, number)
