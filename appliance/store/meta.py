@@ -24,7 +24,7 @@ import re
 import zlib
 from pathlib import Path
 
-from appliance.store.segment import fsync_dir
+from appliance.durable import fsync_dir
 
 log = logging.getLogger("appliance.store")
 

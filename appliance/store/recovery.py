@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.durable import fsync_dir
 from appliance.store import meta
 from appliance.store.segment import (
     BLOCK,
@@ -30,7 +31,6 @@ from appliance.store.segment import (
     encode_frame_record,
     encode_header,
     encode_padding,
-    fsync_dir,
     list_segments,
     padding_to_block,
     resync,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from collections.abc import Iterator
@@ -219,16 +218,3 @@ def scan_all(data: bytes, number: int, start: int = DATA_START):
         if nxt is None:
             return
         pos = nxt
-
-
-def read_segment(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from appliance.durable import fsync_dir
 from appliance.store import meta, wal_dir
 from appliance.store.cursor import Cursor
 from appliance.store.recovery import read_segment_records, write_segment
@@ -55,7 +56,6 @@ from appliance.store.segment import (
     ScanEnd,
     SegmentError,
     check_header,
-    fsync_dir,
     resync,
     scan_all,
     segment_name,

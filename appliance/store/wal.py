@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from appliance.durable import fsync_dir
 from appliance.store import meta
 from appliance.store.recovery import read_segment_records, recover
 from appliance.store.segment import (
@@ -35,7 +36,6 @@ from appliance.store.segment import (
     DATA_START,
     encode_header,
     encode_padding,
-    fsync_dir,
     list_segments,
     padding_to_block,
     segment_name,

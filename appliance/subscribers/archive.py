@@ -150,7 +150,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from appliance.store.segment import Record, fsync_dir
+from appliance.durable import fsync_dir
+from appliance.store.segment import Record
 from appliance.subscribers.base import Context, Subscriber
 
 log = logging.getLogger("appliance.subscribers.archive")

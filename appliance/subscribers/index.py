@@ -61,7 +61,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.store.segment import Record, fsync_dir
+from appliance.durable import fsync_dir
+from appliance.store.segment import Record
 from appliance.subscribers.base import Context, Subscriber
 
 log = logging.getLogger("appliance.subscribers.index")
