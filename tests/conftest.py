@@ -18,8 +18,9 @@ LISTENING = re.compile(r"listening on ([0-9.]+):(\d+)")
 START_TIMEOUT = 15.0
 
 
-def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
-    """Poll `condition` until it returns something true (returned) or the deadline passes."""
+def wait_for(condition, timeout: float = 10.0, what: str = "condition", interval: float = 0.002):
+    """Poll `condition` until it returns something true (returned) or the deadline passes;
+    a larger `interval` for conditions that cost a process each."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -27,7 +28,7 @@ def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.002)
+        time.sleep(interval)
 
 
 def subscriber_pid(daemon: Daemon, name: str) -> int:
