@@ -4,8 +4,8 @@ Needs root and the Debian packages in .ci/debian-packages (mmdebstrap,
 systemd-container, debhelper, ...); skipped without them. The root file
 system (bookworm minbase + systemd + the .deb, board profile zynq for its
 small segments) takes about 40 s to build; it is cached in build/rootfs-cache/
-under the .deb's SHA-256 (the .deb is reproducible, so an unchanged tree
-reuses it) and older entries are removed.
+under the SHA-256 of the .deb and of scripts/build-image (the .deb is
+reproducible, so an unchanged tree reuses it) and older entries are removed.
 
 Each test boots its own container from the cache:
 
@@ -84,15 +84,19 @@ def deb(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def rootfs(deb, tmp_path_factory) -> Path:
-    """The root file system built from `deb`, from the cache or built into it."""
-    key = hashlib.sha256(deb.read_bytes()).hexdigest()
+def image(deb) -> Path:
+    """CACHE/KEY/ with rootfs/ and rootfs.tar.zst, built from `deb` if not cached. The key is
+    the SHA-256 of the .deb and of build-image, which makes the rest of the tree."""
+    key = hashlib.sha256(deb.read_bytes() + (ROOT / "scripts/build-image").read_bytes()).hexdigest()
     cached = CACHE / key
     if not cached.is_dir():
-        CACHE.mkdir(parents=True, exist_ok=True)
         building = CACHE / f".building-{key}-{os.getpid()}"
+        building.mkdir(parents=True)
         try:
-            build_image("--deb", deb, "--rootfs", building, "--board", BOARD, "--out", deb.parent)
+            build_image(
+                *("--deb", deb, "--board", BOARD, "--out", deb.parent),
+                *("--rootfs", building / "rootfs", "--rootfs-tar", building / "rootfs.tar.zst"),
+            )
             building.rename(cached)  # whole or not at all
         finally:
             shutil.rmtree(building, ignore_errors=True)
@@ -100,6 +104,11 @@ def rootfs(deb, tmp_path_factory) -> Path:
         if old != cached and not old.name.startswith(".building-"):
             shutil.rmtree(old)
     return cached
+
+
+@pytest.fixture(scope="module")
+def rootfs(image) -> Path:
+    return image / "rootfs"
 
 
 class Container:
@@ -271,6 +280,8 @@ def assert_no_syscall_kill(box: Container) -> None:
 def test_ready_streams_and_stats(boot):
     box = boot()
     state = wait_running(box)
+    # the image boots clean: no failed unit anywhere
+    assert box.run("systemctl", "is-system-running", check=False).stdout.strip() == "running"
     assert box.show("Type")["Type"] == "notify"  # so active (running) came with READY=1
     status = box.run("systemctl", "status", UNIT, "--no-pager", check=False).stdout
     assert re.search(r'Status: "\d+ connections, [\d.]+ frames/s', status), status
@@ -387,3 +398,29 @@ def test_dpkg_purge_and_reinstall_under_systemd(boot, deb):
     box.run("test", "-L", wants)
     assert box.run("find", lib, "-name", "*.pyc").stdout.split()
     assert_no_syscall_kill(box)
+
+
+def test_rootfs_tar_holds_the_tree(image):
+    listing = run(
+        "tar",
+        "--zstd",
+        "--list",
+        "--verbose",
+        "--numeric-owner",
+        "--file",
+        image / "rootfs.tar.zst",
+    )
+    assert listing.returncode == 0, listing.stderr
+    entries = {}
+    for line in listing.stdout.splitlines():
+        mode, owner, *_, name = line.split(None, 5)
+        entries[name.split(" -> ")[0].removeprefix("./").rstrip("/")] = (mode, owner)
+    tree = image / "rootfs"
+    walked = {""}
+    for dirpath, dirnames, filenames in os.walk(tree):
+        rel = Path(dirpath).relative_to(tree)
+        walked |= {str(rel / name) for name in dirnames + filenames}
+    assert set(entries) - {""} == walked - {""}
+    gid = (tree / "etc/module-ingest/config.toml").stat().st_gid
+    assert entries["etc/module-ingest/config.toml"] == ("-rw-r-----", f"0/{gid}")
+    assert entries["etc/systemd/system/multi-user.target.wants/module-ingest.service"][0][0] == "l"
