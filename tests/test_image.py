@@ -34,6 +34,7 @@ from conftest import ROOT
 from appliance.cli import build_parser
 
 UNIT = ROOT / "systemd/module-ingest.service"
+PROVISION_UNIT = ROOT / "systemd/module-ingest-provision.service"
 CONFIG = ROOT / "systemd/config.toml"
 BOARD_PYTHON = Path("/usr/bin/python3")  # what the launcher runs
 HOST_UNITS = next(
@@ -70,24 +71,33 @@ def systemd_verify(root: Path) -> subprocess.CompletedProcess:
     units = root / "usr/lib/systemd/system"
     units.mkdir(parents=True, exist_ok=True)
     for unit in HOST_UNITS.iterdir():
-        if unit.name != "module-ingest.service" and not (units / unit.name).exists():
+        if not unit.name.startswith("module-ingest") and not (units / unit.name).exists():
             if unit.is_symlink():
                 (units / unit.name).symlink_to(os.readlink(unit))
             elif unit.is_file():
                 shutil.copy(unit, units / unit.name)
     # --man=no: verify would run the host's man(1) for Documentation=man:module-ingest(1),
     # which is installed in `root` at most
-    return run("systemd-analyze", "verify", "--man=no", f"--root={root}", "module-ingest.service")
+    return run(
+        "systemd-analyze",
+        "verify",
+        "--man=no",
+        f"--root={root}",
+        "module-ingest.service",
+        "module-ingest-provision.service",
+    )
 
 
 @needs_verify
 def test_unit_verifies(tmp_path):
-    (tmp_path / "usr/lib/systemd/system").mkdir(parents=True)
-    shutil.copy(UNIT, tmp_path / "usr/lib/systemd/system/module-ingest.service")
-    launcher = tmp_path / "usr/bin/module-ingest"
-    launcher.parent.mkdir(parents=True)
-    launcher.write_text("#!/bin/sh\n")
-    launcher.chmod(0o755)
+    units = tmp_path / "usr/lib/systemd/system"
+    units.mkdir(parents=True)
+    shutil.copy(UNIT, units / "module-ingest.service")
+    shutil.copy(PROVISION_UNIT, units / "module-ingest-provision.service")
+    for program in ("usr/bin/module-ingest", "usr/libexec/module-ingest/provision"):
+        (tmp_path / program).parent.mkdir(parents=True)
+        (tmp_path / program).write_text("#!/bin/sh\n")
+        (tmp_path / program).chmod(0o755)
     result = systemd_verify(tmp_path)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
@@ -159,6 +169,9 @@ def test_deb(image, tmp_path):
     expect = {
         "./usr/bin/module-ingest": "-rwxr-xr-x",
         "./lib/systemd/system/module-ingest.service": "-rw-r--r--",
+        "./lib/systemd/system/module-ingest-provision.service": "-rw-r--r--",
+        "./usr/libexec/module-ingest/provision": "-rwxr-xr-x",
+        "./etc/module-ingest/identities.d/": "drwxr-xr-x",
         "./usr/lib/sysusers.d/module-ingest.conf": "-rw-r--r--",
         "./usr/lib/tmpfiles.d/module-ingest.conf": "-rw-r--r--",
         "./etc/module-ingest/config.toml": "-rw-r-----",
@@ -182,7 +195,9 @@ def test_deb(image, tmp_path):
     data = tmp_path / "data"
     assert run("dpkg-deb", "--extract", deb, data).returncode == 0
     # the files are the checkout's, byte for byte
-    assert (data / "lib/systemd/system/module-ingest.service").read_bytes() == UNIT.read_bytes()
+    units = data / "lib/systemd/system"
+    assert (units / "module-ingest.service").read_bytes() == UNIT.read_bytes()
+    assert (units / "module-ingest-provision.service").read_bytes() == PROVISION_UNIT.read_bytes()
     assert (data / "etc/module-ingest/config.toml").read_bytes() == CONFIG.read_bytes()
     assert (data / "usr/share/module-ingest/models/tiny.tflite").read_bytes() == (
         ROOT / "models/tiny.tflite"

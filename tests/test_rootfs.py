@@ -25,6 +25,7 @@ SIGKILL after a deadline) when its test ends, pass or fail.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import json
@@ -38,6 +39,8 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, wait_for
+
+from appliance.cli import build_parser
 
 CACHE = ROOT / "build/rootfs-cache"
 BOARD = "zynq"  # 8 MiB segments: the container's tmpfs holds less than with 64 MiB
@@ -420,3 +423,71 @@ def test_rootfs_tar_holds_the_tree(image):
     assert entry("etc/module-ingest/config.toml")[:2] == ["-rw-r-----", f"0/{gid}"]
     wants = entry("etc/systemd/system/multi-user.target.wants/module-ingest.service")
     assert wants[0].startswith("l") and wants[-1] == "/lib/systemd/system/module-ingest.service"
+
+
+def has_identity_import() -> bool:
+    """`module-ingest identity import` (issue 11, part 1), which provisioning is built on."""
+    (identity,) = [
+        sub
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name, sub in action.choices.items()
+        if name == "identity"
+    ]
+    return any(
+        "import" in action.choices
+        for action in identity._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+
+
+@pytest.mark.skipif(not has_identity_import(), reason="needs `module-ingest identity import`")
+def test_first_start_imports_the_identity_files_once(boot, tmp_path):
+    drop = tmp_path / "identities.d"
+    drop.mkdir()
+    (drop / "cores.csv").write_text(
+        'id,kind,module,channels,fingerprint,mac\nm-9,module,,,,\nm-9/core-0,core,m-9,"1,2",,\n'
+    )
+    (drop / "more.jsonl").write_text(
+        json.dumps({"id": "m-9/core-1", "kind": "core", "module": "m-9", "channels": "1"}) + "\n"
+    )
+    (drop / "bad.csv").write_text("id,kind,colour\nm-9/core-2,core,red\n")  # an unknown key
+    box = boot(binds={drop: "/etc/module-ingest/identities.d"})
+    wait_running(box)
+
+    listed = box.run("module-ingest", "identity", "list", user="module-ingest").stdout
+    assert sorted(json.loads(line)["id"] for line in listed.splitlines()) == [
+        "m-9",
+        "m-9/core-0",
+        "m-9/core-1",
+    ]
+    # imported files are moved aside; the bad one stays (all or nothing), and says why
+    assert sorted(p.name for p in drop.iterdir()) == [
+        "bad.csv",
+        "cores.csv.imported",
+        "more.jsonl.imported",
+    ]
+    provision = "module-ingest-provision.service"
+    assert box.run("systemctl", "show", provision, "--property=Result").stdout.strip() == (
+        "Result=exit-code"
+    )
+    log = box.run("journalctl", f"--unit={provision}", "--no-pager", "--output=cat").stdout
+    assert "bad.csv not imported" in log and "colour" in log, log
+
+    tokens_file = "/var/lib/module-ingest/provisioned/cores.csv.tokens.jsonl"
+    assert box.run("stat", "-c", "%a %U", tokens_file).stdout.strip() == "600 module-ingest"
+    tokens = {
+        t["id"]: t["token"]
+        for t in map(json.loads, box.run("cat", tokens_file).stdout.splitlines())
+    }
+    assert sorted(tokens) == ["m-9", "m-9/core-0"]
+    assert send(box, "m-9/core-0", tokens["m-9/core-0"], ["provisioned"])["acked_seq"] == 1
+
+    # once: the next start finds nothing new to import
+    (drop / "bad.csv").unlink()
+    box.run("systemctl", "restart", UNIT)
+    wait_running(box)
+    shown = box.run("systemctl", "show", provision, "--property=ConditionResult").stdout
+    assert shown.strip() == "ConditionResult=no"
+    log = box.run("journalctl", f"--unit={provision}", "--no-pager", "--output=cat").stdout
+    assert log.count("provision: imported") == 2
