@@ -103,8 +103,9 @@ def image(deb) -> Path:
             building.rename(cached)  # whole or not at all
         finally:
             shutil.rmtree(building, ignore_errors=True)
-    for old in CACHE.iterdir():
-        if old != cached and not old.name.startswith(".building-"):
+    for old in CACHE.iterdir():  # older trees, and builds whose process is gone
+        building_pid = old.name.rsplit("-", 1)[-1] if old.name.startswith(".building-") else ""
+        if old != cached and not (building_pid and Path(f"/proc/{building_pid}").exists()):
             shutil.rmtree(old)
     return cached
 
