@@ -31,6 +31,7 @@ from appliance.auth.registry import Registry
 ROOT = Path(__file__).resolve().parent.parent
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"  # has the daemon's dependencies (scripts/serve)
 LISTENING = re.compile(r"listening on ([0-9.]+):(\d+)")
+RECOVERED = re.compile(r"store: recovered in ([0-9.]+) s")
 START_TIMEOUT = 60.0
 START_POLL = 0.005  # how often start() looks for "listening on" in the log
 STOP_TIMEOUT = 15.0

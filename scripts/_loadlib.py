@@ -74,7 +74,8 @@ def notify(fd: int | None, word: str) -> None:
         os.write(fd, word.encode() + b"\n")
 
 
-def _count(mapping: dict[str, int]) -> str:
+def count_text(mapping: dict[str, int]) -> str:
+    """{code: n} as "code n, code n" (or "none")."""
     return ", ".join(f"{code} {n}" for code, n in sorted(mapping.items())) or "none"
 
 
@@ -87,7 +88,7 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"idle: {head}, all authenticated in {result['handshake_s']:.2f} s")
         lines.append(
             f"held {result['duration_s']:.1f} s: {result['connections_open']} still open, "
-            f"{result['pings']} PINGs sent, errors: {_count(result['errors'])}"
+            f"{result['pings']} PINGs sent, errors: {count_text(result['errors'])}"
         )
     else:
         rate = f"{result['rate']} frames/s" if result["rate"] else "unpaced"
@@ -114,8 +115,8 @@ def summary_lines(result: dict) -> list[str]:
             lines.append("ACK latency: no samples")
         lines.append(
             f"after drain: {result['frames_acked_total']} ACKed in all, "
-            f"{result['frames_unacked']} never ACKed; NACKs: {_count(result['nacks'])}; "
-            f"errors: {_count(result['errors'])}"
+            f"{result['frames_unacked']} never ACKed; NACKs: {count_text(result['nacks'])}; "
+            f"errors: {count_text(result['errors'])}"
         )
         each = result["acked_per_connection"]
         if conns > 1:
