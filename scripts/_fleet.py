@@ -168,13 +168,12 @@ def _head(r: dict) -> str:
     )
 
 
-def _generator(r: dict, cpu_pct: float) -> str:
-    lag = r["lag_ms"]
+def _behind(lag: dict) -> str:
+    """How far the generator's sends fell behind their schedule."""
     return (
-        f"generator: CPU {cpu_pct:.0f}%; behind its schedule p50 {_ms(lag['p50'])} ms, "
-        f"p99 {_ms(lag['p99'])} ms, max {_ms(lag['max'])} ms, {lag['late']} of "
-        f"{lag['samples']} frames more than {lag['late_ms']:.0f} ms late"
-        + (f"; {r['frames_blocked']} waited for a full send buffer" if r["frames_blocked"] else "")
+        f"behind its schedule p50 {_ms(lag['p50'])} ms, p99 {_ms(lag['p99'])} ms, "
+        f"max {_ms(lag['max'])} ms, {lag['late']} of {lag['samples']} frames more than "
+        f"{lag['late_ms']:.0f} ms late"
     )
 
 
@@ -201,7 +200,8 @@ def fleet_summary(r: dict) -> str:
         + (f"{d['frames_per_commit']:.1f}" if d["frames_per_commit"] else "-")
         + f" frames each); commit (write + fdatasync) p50 {_ms(d['commit_p50_ms'])} ms, "
         f"p99 {_ms(d['commit_p99_ms'])} ms (its last 1024 commits)",
-        _generator(r, m["generator_cpu_pct"]),
+        f"generator: CPU {m['generator_cpu_pct']:.0f}%; {_behind(r['lag_ms'])}"
+        + (f"; {r['frames_blocked']} waited for a full send buffer" if r["frames_blocked"] else ""),
         f"other processes on the machine: CPU {m['others_cpu_pct']:.0f}%",
     ]
     if d["exit_code"] != 0:
@@ -374,7 +374,8 @@ def restart_summary(r: dict) -> str:
         f"after the drain: {r['frames_acked_total']} frames ACKed after the restart, "
         f"{r['frames_unacked']} never ACKed; NACKs: {count_text(r['nacks'])}; "
         f"errors: {count_text(r['errors'])}",
-        _generator(r, b["generator_cpu_pct"]),
+        f"generator: before the kill {_behind(r['lag_before_ms'])}; after the restart "
+        f"{_behind(r['lag_ms'])}",
         f"WAL of the stopped daemon: {c['records']} records; "
         f"{c['frames_acked_before_kill']} frames ACKed before the kill, "
         f"{c['lost_acked_before_kill']} of them missing; "
