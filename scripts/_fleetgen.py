@@ -169,7 +169,7 @@ class Fleet:
         if err not in (0, errno.EINPROGRESS):
             sock.close()
             self.handshaking += 1  # as _failed counts it down
-            self._failed(core, os_reason(err), now, connected=False)
+            self._failed(core, os_reason(err), connected=False)
             return
         core.sock, core.fd = sock, sock.fileno()
         core.send, core.recv = sock.send, sock.recv
@@ -198,31 +198,38 @@ class Fleet:
                 self._on_handshake(self.by_fd[fd])
         self.strict = False
 
-    def _on_handshake(self, core: Core) -> None:
+    def _read(self, core: Core, failed: Callable[[Core, str], None]) -> bytes | None:
+        """What arrived for `core` (b"" at EOF); None if nothing did, or if the connection
+        failed (then told to `failed`)."""
         try:
-            data = core.recv(RECV_BYTES)
+            return core.recv(RECV_BYTES)
         except BlockingIOError:
-            return
+            return None
         except OSError as exc:
-            self._failed(core, os_reason(exc.errno), time.monotonic())
+            failed(core, os_reason(exc.errno))
+            return None
+
+    def _on_handshake(self, core: Core) -> None:
+        data = self._read(core, self._failed)
+        if data is None:
             return
         now = time.monotonic()
         if not data:
-            self._failed(core, "closed by the server", now)
+            self._failed(core, "closed by the server")
             return
         core.t_challenge = core.t_challenge or now  # the first bytes: CHALLENGE
         try:
             events = core.session.receive_data(data)
         except ProtocolViolation as exc:
-            self._failed(core, f"protocol violation: {exc}", now)
+            self._failed(core, f"protocol violation: {exc}")
             return
         out = core.session.data_to_send()
         if out and core.send(out) != len(out):  # a HELLO of ~300 bytes on a fresh socket
-            self._failed(core, "HELLO not sent in one write", now)
+            self._failed(core, "HELLO not sent in one write")
             return
         for ev in events:
             if ev[0] == FrameType.ERROR:
-                self._failed(core, f"ERROR {ev[1]}", now)
+                self._failed(core, f"ERROR {ev[1]}")
                 return
             if ev[0] == FrameType.WELCOME:
                 self._on_welcome(core, ev[1], ev[2], now)
@@ -272,7 +279,7 @@ class Fleet:
             if core.state is not OPEN:
                 return
 
-    def _failed(self, core: Core, reason: str, now: float, connected: bool = True) -> None:
+    def _failed(self, core: Core, reason: str, connected: bool = True) -> None:
         """A connection attempt failed: fatal during set-up, else retried after a pause."""
         if self.strict:
             raise LoadError(f"handshake failed for {core.ident}: {reason}")
@@ -280,7 +287,7 @@ class Fleet:
             self._close(core)
         self.handshaking -= 1
         self.retries[reason] += 1
-        core.retry_at = now + core.backoff
+        core.retry_at = time.monotonic() + core.backoff
         core.backoff = min(2 * core.backoff, RETRY_BACKOFF[1])
         self.retrying.append(core)
 
@@ -424,12 +431,8 @@ class Fleet:
         self.s, self.m, self.round_t = s, m, round_t
 
     def _on_readable(self, core: Core) -> None:
-        try:
-            data = core.recv(RECV_BYTES)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._lost(core, os_reason(exc.errno))
+        data = self._read(core, self._lost)
+        if data is None:
             return
         t = time.monotonic()
         if (
