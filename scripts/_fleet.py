@@ -92,6 +92,9 @@ def _phase(a: Mark, b: Mark) -> dict:
         "generator_cpu_pct": generator,
         # everything else on the machine: another run here skews the figures
         "others_cpu_pct": max(0.0, 100 * (b.busy_s - a.busy_s) / wall - daemon - generator),
+        # ... and this is how much: time runnable but without a CPU
+        "daemon_wait_pct": 100 * (b.daemon_wait_s - a.daemon_wait_s) / wall,
+        "generator_wait_pct": 100 * (b.child_wait_s - a.child_wait_s) / wall,
     }
 
 
@@ -177,6 +180,23 @@ def _behind(lag: dict) -> str:
     )
 
 
+def _noise(phase: dict) -> str:
+    return (
+        f"other processes on the machine: CPU {phase['others_cpu_pct']:.0f}%; waiting for a "
+        f"CPU (runnable, not running): the daemon's loop {phase['daemon_wait_pct']:.0f}% of "
+        f"the time, the generator {phase['generator_wait_pct']:.0f}%"
+    )
+
+
+def _cpu(phase: dict) -> str:
+    """The CPU split of a phase, with the time each side waited for a CPU."""
+    return (
+        f"CPU: daemon {phase['daemon_cpu_pct']:.0f}% (waited for a CPU "
+        f"{phase['daemon_wait_pct']:.0f}%), generator {phase['generator_cpu_pct']:.0f}% "
+        f"(waited {phase['generator_wait_pct']:.0f}%), others {phase['others_cpu_pct']:.0f}%"
+    )
+
+
 def fleet_summary(r: dict) -> str:
     d, m = r["daemon"], r["machine"]
     lines = [
@@ -202,7 +222,7 @@ def fleet_summary(r: dict) -> str:
         f"p99 {_ms(d['commit_p99_ms'])} ms (its last 1024 commits)",
         f"generator: CPU {m['generator_cpu_pct']:.0f}%; {_behind(r['lag_ms'])}"
         + (f"; {r['frames_blocked']} waited for a full send buffer" if r["frames_blocked"] else ""),
-        f"other processes on the machine: CPU {m['others_cpu_pct']:.0f}%",
+        _noise(m),
     ]
     if d["exit_code"] != 0:
         lines.append(f"warning: the daemon exited with {d['exit_code']} on SIGTERM")
@@ -212,9 +232,9 @@ def fleet_summary(r: dict) -> str:
 # -- --fleet-restart ---------------------------------------------------------------------------
 
 
-def _await(child: LoadChild, daemon: Daemon | None, word: str, timeout: float) -> Mark | None:
-    """Wait for `word` from the generator; with a daemon, check it meanwhile and return a Mark
-    of both once the word came."""
+def _await(child: LoadChild, daemon: Daemon | None, words: tuple[str, ...], timeout: float) -> str:
+    """Wait for one of `words` from the generator (checking the daemon meanwhile, if given);
+    returns the one that came."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if daemon is not None:
@@ -222,9 +242,10 @@ def _await(child: LoadChild, daemon: Daemon | None, word: str, timeout: float) -
         if child.closed:
             child.result(10)  # raises the generator's own error
             break
-        if word in child.words(0.05):
-            return mark(daemon.proc.pid, child.proc.pid) if daemon else None
-    raise BenchError(f"the generator did not say {word!r} within {timeout:.0f} s")
+        for word in child.words(0.05):
+            if word in words:
+                return word
+    raise BenchError(f"the generator did not say {' or '.join(words)} within {timeout:.0f} s")
 
 
 def fleet_restart(args: argparse.Namespace) -> dict:
@@ -236,21 +257,26 @@ def fleet_restart(args: argparse.Namespace) -> dict:
         cmd = fleet_command(daemon, args, "--restart", "--after", str(AFTER_S))
         child = LoadChild(cmd, "fleet", control=True)
         try:
-            marks = {"start": _await(child, daemon, "start", SET_UP_S)}
+            _await(child, daemon, ("start",), SET_UP_S)
+            marks = {"start": mark(daemon.proc.pid, child.proc.pid)}
             while time.monotonic() < marks["start"].t + args.duration:
                 daemon.check_alive()
                 if child.closed or child.words(0.05):
                     raise BenchError("the generator stopped before the kill")
-            marks["kill"] = mark(daemon.proc.pid, child.proc.pid)
+            # the commit times so far; a busy daemon may take a while to answer, so the
+            # kill (and the end of the phase before it) comes after that
             before = stats_snapshot(daemon.data_dir)
+            marks["kill"] = mark(daemon.proc.pid, child.proc.pid)
             daemon.proc.kill()  # SIGKILL: a power blip, as far as the process can tell
             daemon.proc.wait()
-            _await(child, None, "lost", LOST_WAIT_S)
+            _await(child, None, ("lost",), LOST_WAIT_S)
             spawned = time.monotonic()
             daemon.start("daemon-restart.log", same_port=True)
             marks["listening"] = mark(daemon.proc.pid, child.proc.pid)
             child.tell("reconnect")
-            marks["welcomed"] = _await(child, daemon, "welcomed", STORM_WAIT_S)
+            # "end" first: some cores never had their WELCOME again (the check says so)
+            _await(child, daemon, ("welcomed", "end"), STORM_WAIT_S)
+            marks["welcomed"] = mark(daemon.proc.pid, child.proc.pid)
             result = child.result(STORM_WAIT_S)
         except BaseException:
             child.kill()
@@ -352,8 +378,7 @@ def restart_summary(r: dict) -> str:
         f"fleet restart: {_head(r)}",
         f"before the kill ({b['seconds']:.1f} s of streaming): ACK latency "
         f"{_latency(r['latency_before_ms'])}; commit p50 {_ms(b['commit_p50_ms'])} ms, "
-        f"p99 {_ms(b['commit_p99_ms'])} ms; daemon CPU {b['daemon_cpu_pct']:.0f}%, "
-        f"generator {b['generator_cpu_pct']:.0f}%, others {b['others_cpu_pct']:.0f}%",
+        f"p99 {_ms(b['commit_p99_ms'])} ms; {_cpu(b)}",
         f"SIGKILL, restart on the same data dir and port: 'listening on' after "
         f"{rs['listening_s']:.3f} s"
         + (f" (the store recovered in {recovered:.3f} s)" if recovered is not None else "")
@@ -364,9 +389,7 @@ def restart_summary(r: dict) -> str:
         f"max {sec(ch['max'])}; connect() -> WELCOME: p50 {sec(cw['p50'])}, "
         f"p99 {sec(cw['p99'])}, max {sec(cw['max'])}; failed attempts (retried): "
         f"{count_text(rs['retries'])}",
-        f"  listening -> last WELCOME ({s['seconds']:.2f} s): daemon CPU "
-        f"{s['daemon_cpu_pct']:.0f}%, generator {s['generator_cpu_pct']:.0f}%, "
-        f"others {s['others_cpu_pct']:.0f}%",
+        f"  listening -> last WELCOME ({s['seconds']:.2f} s): {_cpu(s)}",
         f"resent {rs['resent']} frames above WELCOME's last_seq; {rs['durable_by_welcome']} "
         "frames unACKed at the kill were already stored (covered by last_seq)",
         f"after the restart (incl. resends, {AFTER_S:.0f} s past the last WELCOME): ACK latency "

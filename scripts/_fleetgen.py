@@ -49,8 +49,12 @@ ACK_HEAD = HEADER.pack(MAGIC, VERSION, FrameType.ACK, 0, 0, 0, 0, 0, 0)[:16]
 ACK_SIZE = HEADER.size + 4
 CRC = struct.Struct(">I")
 # After a failed reconnect, as the client library does (appliance/client.py's
-# RECONNECT_BACKOFF, which this script cannot import: the client needs getmac).
+# RECONNECT_BACKOFF and its default timeout for a handshake; this script cannot import
+# it: the client needs getmac). A core without WELCOME by then tries again: a daemon
+# whose accept queue overflowed may have let the connection complete from this side
+# only (SYN cookies), and MIP's server speaks first, so nothing else would notice.
 RETRY_BACKOFF = (0.05, 2.0)
+HANDSHAKE_TIMEOUT_S = 10.0
 FD_SETSIZE = 1024
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 
@@ -136,6 +140,7 @@ class Fleet:
         self.welcomed = 0
         self.handshaking = 0
         self.retrying: list[Core] = []
+        self.connecting: deque[tuple[float, Core]] = deque()  # (connect time, core), in order
         self.stop = False
         self.until = 0.0
         self.after = 0.0  # a reconnect: how long to stream once every core is back
@@ -179,6 +184,8 @@ class Fleet:
         self.by_fd[core.fd] = core
         self.ep.register(core.fd, EPOLLIN)
         self.handshaking += 1
+        if not self.strict:
+            self.connecting.append((now, core))
 
     def set_up(self, parallel: int, timeout: float) -> None:
         """Connect and authenticate every core, `parallel` at a time (so the listen backlog
@@ -278,6 +285,15 @@ class Fleet:
                 self.resent += 1
             if core.state is not OPEN:
                 return
+
+    def _expire(self, now: float) -> None:
+        """Give up on the handshakes older than HANDSHAKE_TIMEOUT_S (they retry)."""
+        connecting = self.connecting
+        while connecting and connecting[0][0] <= now - HANDSHAKE_TIMEOUT_S:
+            started, core = connecting.popleft()
+            if core.state is HANDSHAKE and core.t_connect == started:
+                why = "WELCOME" if core.t_challenge else "CHALLENGE"
+                self._failed(core, f"no {why} within {HANDSHAKE_TIMEOUT_S:.0f} s")
 
     def _failed(self, core: Core, reason: str, connected: bool = True) -> None:
         """A connection attempt failed: fatal during set-up, else retried after a pause."""
@@ -411,6 +427,8 @@ class Fleet:
                     m = 0
                     round_t += period
                 next_t = round_t + offsets[m]
+            if self.connecting:
+                self._expire(now)
             if self.retrying:
                 self._retry(now)
             # wake for the next send, but not sooner than TICK_S after this wake-up

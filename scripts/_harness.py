@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 from _loadlib import raise_nofile_limit
-from _procfs import cpu_seconds, machine_busy_seconds, memory_kib, tree_cpu_seconds
+from _procfs import (
+    children,
+    cpu_seconds,
+    cpu_wait_seconds,
+    machine_busy_seconds,
+    memory_kib,
+    tree_cpu_seconds,
+)
 
 from appliance.auth.registry import Registry
 
@@ -270,6 +277,8 @@ class Mark(NamedTuple):
     child_s: float  # the same for the load generator and its worker processes
     busy_s: float  # every core of the machine, on anything but idle and iowait
     rss_kib: int  # the daemon's VmRSS
+    daemon_wait_s: float  # the daemon's main thread (its loop) runnable, waiting for a CPU
+    child_wait_s: float  # the same, summed over the load generator's worker processes
 
 
 def mark(daemon_pid: int, child_pid: int) -> Mark:
@@ -280,6 +289,8 @@ def mark(daemon_pid: int, child_pid: int) -> Mark:
         tree_cpu_seconds(child_pid),
         machine_busy_seconds(),
         memory_kib(daemon_pid)["VmRSS"],
+        cpu_wait_seconds(daemon_pid),
+        sum(cpu_wait_seconds(pid) for pid in children(child_pid)),
     )
 
 

@@ -38,6 +38,29 @@ def tree_cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def children(pid: int) -> list[int]:
+    """The running children of process `pid`."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if int(_stat_fields(int(name))[1]) == pid:
+                    out.append(int(name))
+            except OSError:
+                continue  # exited meanwhile
+    return out
+
+
+def cpu_wait_seconds(pid: int) -> float:
+    """How long the main thread of process `pid` was runnable but waiting for a CPU
+    (/proc/PID/schedstat): what other processes on the machine cost it."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except OSError:
+        return 0.0  # exited meanwhile
+
+
 def machine_busy_seconds() -> float:
     """CPU time spent by every core on anything but idle and iowait, in seconds."""
     with open("/proc/stat") as f:
