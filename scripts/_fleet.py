@@ -132,6 +132,8 @@ def fleet(args: argparse.Namespace) -> dict:
         result = watched.result
         start, end = watched.marks["start"], watched.marks["end"]
         phase = _phase(start, end)
+        # its workers may have exited by the "end" mark: their own figure over the phase
+        phase["generator_wait_pct"] = result["generator_wait_pct"]
         frames = result["frames_acked"]
         result["machine"] = phase
         result["daemon"] = {
