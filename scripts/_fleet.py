@@ -36,7 +36,7 @@ from _harness import (
     watch,
 )
 from _loadlib import count_text, percentile
-from _procfs import memory_kib
+from _procfs import memory_kib, tcp_counters
 
 from appliance.store.recovery import read_records
 
@@ -45,6 +45,14 @@ SET_UP_S = 300.0  # handshakes and pre-building, at most
 AFTER_S = 2.0  # --fleet-restart: streaming after the last WELCOME, before the drain
 LOST_WAIT_S = 60.0  # --fleet-restart: for the generator to see every connection dropped
 STORM_WAIT_S = 200.0  # --fleet-restart: for every WELCOME, the drain and the result
+# what the kernel did with the connections it could not queue for accept()
+LISTEN_COUNTERS = (
+    "ListenOverflows",
+    "ListenDrops",
+    "SyncookiesSent",
+    "SyncookiesRecv",
+    "SyncookiesFailed",
+)
 
 
 def fleet_command(daemon: Daemon, args: argparse.Namespace, *extra: str) -> list[str]:
@@ -272,6 +280,7 @@ def fleet_restart(args: argparse.Namespace) -> dict:
             daemon.proc.kill()  # SIGKILL: a power blip, as far as the process can tell
             daemon.proc.wait()
             _await(child, None, ("lost",), LOST_WAIT_S)
+            tcp0 = tcp_counters()
             spawned = time.monotonic()
             daemon.start("daemon-restart.log", same_port=True)
             marks["listening"] = mark(daemon.proc.pid, child.proc.pid)
@@ -279,6 +288,7 @@ def fleet_restart(args: argparse.Namespace) -> dict:
             # "end" first: some cores never had their WELCOME again (the check says so)
             _await(child, daemon, ("welcomed", "end"), STORM_WAIT_S)
             marks["welcomed"] = mark(daemon.proc.pid, child.proc.pid)
+            tcp1 = tcp_counters()
             result = child.result(STORM_WAIT_S)
         except BaseException:
             child.kill()
@@ -298,6 +308,7 @@ def fleet_restart(args: argparse.Namespace) -> dict:
         challenge_s=_spread([c[5] - spawned for c in cores if c[5] > spawned]),
         connect_to_welcome_s=_spread([c[6] - c[4] for c in cores if c[6] > spawned]),
         cores_welcomed=sum(1 for c in cores if c[6] > spawned),
+        tcp={k: tcp1.get(k, 0) - tcp0.get(k, 0) for k in LISTEN_COUNTERS},
         exit_code=code,
     )
     result["before"] = dict(_phase(marks["start"], marks["kill"]), **_commit_times(before))
@@ -392,6 +403,8 @@ def restart_summary(r: dict) -> str:
         f"p99 {sec(cw['p99'])}, max {sec(cw['max'])}; failed attempts (retried): "
         f"{count_text(rs['retries'])}",
         f"  listening -> last WELCOME ({s['seconds']:.2f} s): {_cpu(s)}",
+        "  the kernel meanwhile (machine-wide, /proc/net/netstat): "
+        + ", ".join(f"{k} {v}" for k, v in rs["tcp"].items()),
         f"resent {rs['resent']} frames above WELCOME's last_seq; {rs['durable_by_welcome']} "
         "frames unACKed at the kill were already stored (covered by last_seq)",
         f"after the restart (incl. resends, {AFTER_S:.0f} s past the last WELCOME): ACK latency "

@@ -61,6 +61,16 @@ def cpu_wait_seconds(pid: int) -> float:
         return 0.0  # exited meanwhile
 
 
+def tcp_counters() -> dict[str, int]:
+    """The kernel's TCP extension counters (/proc/net/netstat, TcpExt): machine-wide."""
+    with open("/proc/net/netstat") as f:
+        lines = f.read().splitlines()
+    for head, values in zip(lines[::2], lines[1::2], strict=False):
+        if head.startswith("TcpExt:"):
+            return dict(zip(head.split()[1:], map(int, values.split()[1:]), strict=True))
+    return {}
+
+
 def machine_busy_seconds() -> float:
     """CPU time spent by every core on anything but idle and iowait, in seconds."""
     with open("/proc/stat") as f:
