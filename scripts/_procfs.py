@@ -90,12 +90,18 @@ def memory_kib(pid: int) -> dict[str, int]:
 
 
 def proc_io(pid: int) -> dict[str, int]:
-    """/proc/PID/io: rchar, wchar, syscr, syscw, read_bytes, write_bytes, cancelled_write_bytes."""
-    out = {}
-    with open(f"/proc/{pid}/io") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            out[key] = int(value)
+    """/proc/PID/io of process `pid` and its running children (the store's writer process
+    writes the WAL): rchar, wchar, syscr, syscw, read_bytes, write_bytes,
+    cancelled_write_bytes."""
+    out: dict[str, int] = {}
+    for each in (pid, *children(pid)):
+        try:
+            with open(f"/proc/{each}/io") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    out[key] = out.get(key, 0) + int(value)
+        except OSError:
+            continue  # a child that exited meanwhile
     return out
 
 
