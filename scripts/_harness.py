@@ -109,6 +109,8 @@ class Daemon:
             "idle_timeout = 0\n"
             "handshake_timeout = 60.0\n"
             f"max_connections = {self.connections + 64}\n"
+            # every core of a benchmark comes from 127.0.0.1: one source, not a fleet's many
+            "max_handshakes_per_source = 1024\n"
             "[auth]\n"
             "dev_identity = false\n"
             + (f"[storage]\n{self.storage}" if self.storage else "")

@@ -512,6 +512,7 @@ def test_context_for_a_real_server(tmp_path, tokens):
         assert Registry(tmp_path / "identities.json").get("bob").revoked
     finally:
         store.close()
+        server.control.close()
         server.epoll.close()
 
 

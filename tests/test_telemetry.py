@@ -397,6 +397,7 @@ def server(tmp_path):
     server = Server(config, registry, store)
     yield server
     store.close()
+    server.control.close()
     server.epoll.close()
 
 

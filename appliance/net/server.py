@@ -50,7 +50,8 @@ EPOLLOUT = select.EPOLLOUT
 EPOLL_FAIL = select.EPOLLERR | select.EPOLLHUP
 TICK = 0.25  # registry changes, extension hooks and accept retries are looked at this often
 STOP_GRACE = 1.5  # on SIGTERM: time allowed to commit and ACK before closing anyway
-MAX_EVENTS = 64  # per poll: commits and ACKs interleave with reads, even in a burst
+MAX_EVENTS = 64  # connections per poll: a burst of reads is cut into short iterations
+ACCEPT_BATCH = 256  # connections accepted per iteration at most
 # failed handshakes and connections closed before they authenticated: a peer decides how
 # many there are, so they are logged at most once a second, with a count
 UNPROVEN_LOG_EVERY = 1.0
@@ -85,7 +86,13 @@ class Server:
         # Store.space; a batch larger than commit_max_bytes stops reading earlier)
         self.pause_bytes = store.ring_bytes - RING_RESERVE - self.recv_bytes
         self.tofu = config.auth["trust_on_first_use"]
+        # Two levels: the loop waits on `epoll` (every connection, and `control`); the
+        # fds on `control` (the store's writer, listeners, the wake-up pipe, the stats
+        # socket and console) are served first in every iteration, so ACKs, accepts and
+        # diagnostics never queue behind thousands of busy sockets.
         self.epoll = select.epoll()
+        self.control = select.epoll()
+        self.epoll.register(self.control.fileno(), EPOLLIN)
         self.conns: dict[int, Connection] = {}
         self.by_identity: dict[str, Connection] = {}
         self.accepted: dict[str, int] = dict(store.last_seq)  # replay window: highest stored seq
@@ -129,11 +136,11 @@ class Server:
         return [lsock.getsockname()[:2] for lsock, _ in self.listeners]
 
     def _register(self, fd: int, mask: int, tag: object) -> None:
-        self.epoll.register(fd, mask)
+        self.control.register(fd, mask)
         self._tags[fd] = tag
 
     def _unregister(self, fd: int) -> None:
-        self.epoll.unregister(fd)
+        self.control.unregister(fd)
         del self._tags[fd]
 
     def _set_accepting(self, on: bool) -> None:
@@ -162,6 +169,7 @@ class Server:
         """Serve until SIGTERM / SIGINT; the exit code."""
         self.handle_signals()
         poll = self.epoll.poll
+        poll_control = self.control.poll
         conns = self.conns
         tags = self._tags
         store = self.store
@@ -178,11 +186,12 @@ class Server:
                 timeout = due - self.now
             events = poll(max(timeout, 0.0), MAX_EVENTS)
             self.now = now = monotonic()
+            for fd, mask in poll_control(0):
+                self._on_control(tags.get(fd), mask)
             for fd, mask in events:
                 conn = conns.get(fd)
                 if conn is None:
-                    self._on_other(tags.get(fd), mask)
-                    continue
+                    continue  # the control epoll, or a connection closed meanwhile
                 try:
                     if mask & EPOLLOUT:
                         self._on_writable(conn)
@@ -222,7 +231,7 @@ class Server:
     def _on_signal(self, signum, frame) -> None:
         self.stopping = True
 
-    def _on_other(self, tag: object, mask: int) -> None:
+    def _on_control(self, tag: object, mask: int) -> None:
         if tag is _STORE:
             self._on_store()
         elif tag is _WAKE:
@@ -286,6 +295,7 @@ class Server:
                 conn.write(b"")
             self._close(conn)
         self.store.close()
+        self.control.close()
         self.epoll.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -356,7 +366,9 @@ class Server:
     # -- accept -----------------------------------------------------------------
 
     def _accept(self, lsock: socket.socket, ctx: ssl.SSLContext | None) -> None:
-        for _ in range(64):  # bounded, so a connect storm cannot starve established cores
+        # bounded, so that a connect storm cannot starve established cores, yet large: a
+        # herd of reconnecting cores (after a restart) must not overflow the listen queue
+        for _ in range(ACCEPT_BATCH):
             if len(self.conns) >= self.max_connections:
                 oldest = self.admission.oldest()
                 if oldest is None:
@@ -467,12 +479,12 @@ class Server:
             self._send(conn, out)
 
     def _pause(self, conn: Connection, reason: Pause) -> None:
-        conn.pauses.add(reason)
+        conn.pauses |= {reason}
         self.paused[conn] = None
         self._update(conn)
 
     def _resume(self, conn: Connection, reason: Pause) -> None:
-        conn.pauses.discard(reason)
+        conn.pauses -= {reason}
         if not conn.pauses:
             self.paused.pop(conn, None)
         self._update(conn)

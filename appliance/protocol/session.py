@@ -119,6 +119,20 @@ def parse_hello(payload: bytes) -> dict | None:
 
 
 class ServerSession:
+    # one per connection, ten thousand of them: no per-instance dict
+    __slots__ = (
+        "_decoder",
+        "_hello",
+        "_out",
+        "close_code",
+        "counters",
+        "frames_seen",
+        "identity",
+        "mac_algorithm",
+        "nonce",
+        "state",
+    )
+
     def __init__(
         self,
         nonce: str,
