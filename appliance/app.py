@@ -50,6 +50,7 @@ def ensure_dev_identity(config: Config, registry: Registry, out=sys.stdout) -> N
     """On first start, create dev/core-0 and print its token once."""
     if not config.auth["dev_identity"] or registry.get(DEV_IDENTITY) is not None:
         return
+    # the default MAC policy (hmac-sha256, blake2s): "none" is for identities that opt in
     token = registry.add(DEV_IDENTITY, "core", module="dev", channels=DEV_CHANNELS)
     creds = {
         "id": DEV_IDENTITY,

@@ -56,7 +56,7 @@ def test_add_get_list_revoke_round_trip(registry, path):
         frozenset({7}),
         FP,
     )
-    assert core.macs == frozenset(crypto.MAC_ALGORITHMS)
+    assert core.macs == frozenset(crypto.DEFAULT_MACS)  # "none" is opt-in
     assert not core.admin and not core.revoked
     assert abs(core.created_ns - time.time_ns()) < 60 * 10**9
     alice = registry.get("alice")
@@ -327,7 +327,7 @@ def test_concurrent_adds_from_two_processes_lose_none(path, tmp_path):
 
 def hello_for(ident: str, secret: bytes, fingerprint: str = "", mac: str = "hmac-sha256") -> dict:
     """A HELLO as the session hands it over: built as JSON and parsed by parse_hello."""
-    proof = crypto.hello_proof(secret, SN, CN, ident, fingerprint)
+    proof = crypto.hello_proof(secret, SN, CN, ident, fingerprint, mac)
     payload = {"id": ident, "nonce": CN, "fingerprint": fingerprint, "mac": mac, "proof": proof}
     hello = parse_hello(json.dumps(payload).encode())
     assert hello is not None
@@ -365,7 +365,7 @@ def test_protocol_test_vector_from_a_hand_written_file(path):
         "nonce": CN,
         "fingerprint": FP,
         "mac": "hmac-sha256",
-        "proof": "ee1c1ba32ebba2e6f11596ef7129b5d9261846c8a2aca3705459278dc3ee5d60",
+        "proof": "7d5a2f84d47de8a325764f41c7e91c6924fe56aa3abbc84980bd58fbe7fdb281",  # §8, rev. 2
     }
     identity = authenticate(Registry(path), hello, SN)
     assert identity is not None and identity.secret == bytes(range(32))
@@ -468,7 +468,9 @@ def test_add_many_writes_once_and_returns_every_token(registry, path, monkeypatc
     writes = []
     real_write = Registry._write
     monkeypatch.setattr(
-        Registry, "_write", lambda self, ids: writes.append(len(ids)) or real_write(self, ids)
+        Registry,
+        "_write",
+        lambda self, ids, previous: writes.append(len(ids)) or real_write(self, ids, previous),
     )
     registry.add("m-1", "module", channels=[1])
     specs = [
@@ -486,7 +488,7 @@ def test_add_many_writes_once_and_returns_every_token(registry, path, monkeypatc
         assert fresh.get(ident).secret == crypto.token_to_secret(token)
     core = fresh.get("m-1/core-7")
     assert (core.kind, core.module, core.channels) == ("core", "m-1", frozenset({1, 2}))
-    assert core.macs == frozenset(crypto.MAC_ALGORITHMS)
+    assert core.macs == frozenset(crypto.DEFAULT_MACS)  # "none" is opt-in
     bob = fresh.get("bob")
     assert bob.admin and bob.macs == {"blake2s"}
     assert len(set(tokens.values())) == len(tokens)

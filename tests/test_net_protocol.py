@@ -103,7 +103,7 @@ class Peer:
         token: str | None = None,
         *,
         secret: bytes | None = None,
-        mac: str = "none",
+        mac: str = "hmac-sha256",
         fingerprint: str = "",
         port: int | None = None,
         tls: ssl.SSLContext | None = None,
@@ -300,10 +300,20 @@ def start_with(daemon_factory, config: str, *identities: tuple[str, ...], revoke
 # -- handshake (§4) ----------------------------------------------------------------
 
 
+def opt_in_to_none(d: Daemon) -> str:
+    """The token of NO_MAC, a module like dev/core-0 whose policy allows mac "none" too."""
+    return d.add_identity(NO_MAC, "--kind", "module", "--channels", "1-8", "--mac", ALL_MACS)
+
+
+NO_MAC = "m/no-mac"
+ALL_MACS = ",".join(crypto.MAC_ALGORITHMS)
+
+
 def test_handshake_welcomes_with_every_mac_and_fresh_nonces(daemon):
     nonces = set()
+    token = opt_in_to_none(daemon)
     for seq, mac in enumerate(crypto.MAC_ALGORITHMS, start=1):
-        peer = Peer(daemon, mac=mac)
+        peer = Peer(daemon, NO_MAC, token, mac=mac)
         challenge = peer.challenge()
         assert challenge["version"] == 1
         assert challenge["max_payload"] == 65536
@@ -563,11 +573,11 @@ def test_second_connection_supersedes_the_first(daemon):
 def test_superseding_during_a_commit_gets_welcome_before_any_ack(daemon):
     """The new connection's HELLO arrives while the old one's frames are being
     committed: it waits for that commit, and its first frame is WELCOME."""
-    first = Peer(daemon, mac="none")
+    first = Peer(daemon)
     first.handshake()
     big = b"x" * 4096
     first.send(b"".join(first.frame(DATA, s, big, channel=1) for s in range(1, 1001)))
-    second = Peer(daemon, mac="none")
+    second = Peer(daemon)
     welcome = second.handshake()  # asserts WELCOME is the first event
     assert welcome[1] == stored(daemon)[-1]  # last_seq is durable: it is in the log
     second.data(1, 5000)
@@ -612,7 +622,7 @@ def test_bad_crc_is_nacked_and_the_connection_stays(daemon):
 
 
 def test_bad_crc_in_a_session_without_mac(daemon):
-    peer = Peer(daemon)
+    peer = Peer(daemon, NO_MAC, opt_in_to_none(daemon), mac="none")
     peer.handshake()
     frame = bytearray(peer.frame(DATA, 1, b"payload", channel=1))
     frame[-1] ^= 0x80
@@ -620,7 +630,7 @@ def test_bad_crc_in_a_session_without_mac(daemon):
     peer.expect_nack(1, ErrorCode.BAD_CRC)
     peer.data(1, 2)
     peer.expect_ack(2)
-    assert stored(daemon) == [2]
+    assert stored(daemon, NO_MAC) == [2]
 
 
 def test_bad_crc_then_bad_magic_closes_with_error(daemon):
@@ -636,7 +646,7 @@ def test_bad_mac_wrong_missing_or_unexpected(daemon):
     peer = Peer(daemon, mac="hmac-sha256")
     peer.handshake()
     session = peer.session
-    key = crypto.session_key(session.secret, session.server_nonce, session.nonce, DEV)
+    key = crypto.session_key(session.secret, session.server_nonce, session.nonce, DEV, session.mac)
     good = peer.frame(DATA, 1, b"a", channel=1)
     wrong_byte = good[:-1] + bytes([good[-1] ^ 1])
     no_mac = encode_frame(DATA, 2, b"b", channel=1)
@@ -662,13 +672,14 @@ def test_bad_mac_wrong_missing_or_unexpected(daemon):
     assert peer.bye() == 5
 
     # mac "none": a frame with the MAC flag gets BAD_MAC
-    peer = Peer(daemon, mac="none")
-    assert peer.handshake()[1] == 5
+    peer = Peer(daemon, NO_MAC, opt_in_to_none(daemon), mac="none")
+    assert peer.handshake()[1] == 0
     peer.send(encode_frame(DATA, 8, b"f", channel=1, mac_fn=lambda body: bytes(16)))
     peer.expect_nack(8, ErrorCode.BAD_MAC)
     peer.data(1, 9)
     peer.expect_ack(9)
-    assert stored(daemon) == [5, 9]
+    assert stored(daemon) == [5]
+    assert stored(daemon, NO_MAC) == [9]
     assert_healthy(daemon)
 
 
