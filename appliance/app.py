@@ -6,12 +6,14 @@ import json
 import logging
 import os
 import resource
+import stat
 import sys
 from pathlib import Path
 
 from appliance.auth.registry import Registry
-from appliance.config import Config
+from appliance.config import Config, ConfigError
 from appliance.console.serial_port import install as install_console
+from appliance.durable import make_dirs
 from appliance.net.server import Server
 from appliance.store import wal_dir
 from appliance.store.wal import Store
@@ -32,7 +34,18 @@ def registry_path(data_dir: Path) -> Path:
 
 
 def ensure_data_dir(data_dir: Path) -> None:
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create the data dir (durably) and make it 0700: it holds every secret and frame.
+
+    ConfigError (one line) if it cannot be created or tightened, e.g. another user owns it.
+    """
+    try:
+        make_dirs(data_dir, 0o700)
+        if stat.S_IMODE(os.stat(data_dir).st_mode) != 0o700:
+            os.chmod(data_dir, 0o700)
+    except OSError as exc:
+        raise ConfigError(
+            f"storage.data_dir {data_dir}: cannot make it private (0700): {exc.strerror or exc}"
+        ) from None
 
 
 def write_private(path: Path, text: str) -> None:
@@ -102,6 +115,7 @@ STORE_KEYS = (
 
 
 def serve(config: Config) -> int:
+    ensure_data_dir(config.data_dir)  # first: the log file may live in it
     log_buffer = logs.setup(config)  # from here on every event is one structured line
     limit = raise_fd_limit()
     if limit < config.server["max_connections"] + 64:  # listeners, segments, registry
@@ -110,7 +124,6 @@ def serve(config: Config) -> int:
             limit,
             config.server["max_connections"],
         )
-    ensure_data_dir(config.data_dir)
     registry = Registry(registry_path(config.data_dir))
     registry.load()
     ensure_dev_identity(config, registry)

@@ -24,6 +24,7 @@ from hw.profiles import PROFILES, detect
 TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
 DUMP_KEYS = {"id", "channel", "seq", "ts_ns", "recv_ns", "payload_b64"}
 DEV = "dev/core-0"
+ALL_MACS = ",".join(crypto.MAC_ALGORITHMS)  # "none" too: an identity must opt in to it
 
 
 def run(
@@ -474,11 +475,15 @@ def test_serve_with_a_bad_config_is_a_one_line_error(tmp_path):
 
 
 def send(daemon, *args: str, ident: str = DEV, token: str | None = None, stdin=None):
+    """`send` with the token in a --token-file, never on the command line."""
+    token_file = daemon.data_dir.parent / "token"
+    token_file.write_text((token or daemon.dev_token) + "\n")
     return cli(
         "send",
         "--id",
         ident,
-        f"--token={token or daemon.dev_token}",  # a token may start with "-"
+        "--token-file",
+        str(token_file),
         "--connect",
         f"{daemon.host}:{daemon.port}",
         *args,
@@ -513,9 +518,17 @@ def test_send_reads_a_file(daemon, tmp_path):
 
 @pytest.mark.parametrize("mac", ["hmac-sha256", "blake2s", "none"])
 def test_send_with_each_mac(daemon, mac):
-    summary = json.loads(ok(send(daemon, "--channel", "1", "--mac", mac, stdin=b"x\n")))
+    token = daemon.add_identity("m-1", "--kind", "module", "--channels", "1", "--mac", ALL_MACS)
+    result = send(daemon, "--channel", "1", "--mac", mac, ident="m-1", token=token, stdin=b"x\n")
+    summary = json.loads(ok(result))
     assert summary["rejected"] == 0 and summary["acked_seq"] == 1
     assert len(dump(daemon.data_dir)) == 1
+
+
+def test_mac_none_is_opt_in(daemon):
+    """The default policy (the dev identity's too) is hmac-sha256 and blake2s."""
+    one_line_error(send(daemon, "--channel", "1", "--mac", "none", stdin=b"x\n"), "AUTH_FAILED")
+    assert dump(daemon.data_dir) == []
 
 
 def test_send_reports_rejected_frames(daemon):
@@ -533,6 +546,12 @@ def test_send_errors_are_one_line(daemon, tmp_path):
         cli("send", "--id", DEV, "--channel", "1", data_dir=daemon.data_dir, stdin=b"x\n"),
         "token",
     )
+    for token_file in (tmp_path / "missing", tmp_path):
+        one_line_error(
+            cli("send", "--id", DEV, "--channel", "1", "--token-file", str(token_file),
+                data_dir=daemon.data_dir, stdin=b"x\n"),
+            "--token-file",
+        )  # fmt: skip
     wrong = crypto.secret_to_token(b"\x01" * 32)
     one_line_error(send(daemon, "--channel", "1", token=wrong, stdin=b"x\n"), "AUTH_FAILED")
     one_line_error(send(daemon, "--channel", "1", "--file", str(tmp_path / "nope")), "nope")
@@ -542,18 +561,14 @@ def test_send_errors_are_one_line(daemon, tmp_path):
 def test_send_to_nothing_listening_is_a_one_line_error(tmp_path, daemon):
     port = daemon.port
     assert daemon.stop() == 0
-    result = cli(
-        "send",
-        "--id",
-        DEV,
-        f"--token={daemon.dev_token}",
+    result = send(
+        daemon,
         "--connect",
         f"127.0.0.1:{port}",
         "--timeout",
         "0.5",
         "--channel",
         "1",
-        data_dir=tmp_path,
         stdin=b"x\n",
     )
     one_line_error(result, "cannot reach")
@@ -584,36 +599,22 @@ def test_send_of_a_line_longer_than_max_payload_ends_with_an_error(daemon_factor
     ok(run(*args, env=env, stdin=b"small\n"))
 
 
-def test_send_accepts_a_token_that_starts_with_a_dash(daemon_factory):
-    """A token is unpadded base64url, so 1 in 64 begins with "-": `--token TOKEN`, as the help
-    shows it, must work for those too."""
-    d = daemon_factory(start=False)
-    secret = b"\xf8" + bytes(range(31))
-    token = crypto.secret_to_token(secret)
-    assert token.startswith("-")
-    d.data_dir.mkdir(mode=0o700)
-    entry = {
-        "kind": "core",
-        "module": "m-9",
-        "token": token,
-        "channels": [1],
-        "fingerprint": None,
-        "macs": ["hmac-sha256"],
-        "admin": False,
-        "revoked": False,
-        "created_ns": 1,
-    }
-    registry = d.data_dir / "identities.json"
-    registry.write_text(json.dumps({"version": 1, "identities": {"m-9/core-0": entry}}))
-    registry.chmod(0o600)
-    d.start()
-    with connect(d, "m-9/core-0", token):  # the library takes it
-        pass
-    result = cli(
-        "send", "--id", "m-9/core-0", "--token", token, "--channel", "1",
-        "--connect", f"{d.host}:{d.port}", data_dir=d.data_dir, stdin=b"dash\n",
-    )  # fmt: skip
-    assert json.loads(ok(result)) == {"sent": 1, "acked_seq": 1, "rejected": 0}
+def test_send_takes_the_token_from_the_environment_or_a_file_never_the_command_line(
+    daemon, tmp_path
+):
+    """A command line is readable by every local user (ps); the environment and a 0600
+    file are not. A credentials file like dev-credentials.json works as a token file."""
+    address = ["--connect", f"{daemon.host}:{daemon.port}", "--channel", "1"]
+    env = {"MODULE_INGEST_DATA_DIR": str(daemon.data_dir), "MODULE_INGEST_TOKEN": daemon.dev_token}
+    ok(run("send", "--id", DEV, *address, env=env, stdin=b"from the environment\n"))
+    creds = daemon.data_dir / "dev-credentials.json"
+    result = cli("send", "--id", DEV, "--token-file", str(creds), *address,
+                 data_dir=daemon.data_dir, stdin=b"from a file\n")  # fmt: skip
+    assert json.loads(ok(result)) == {"sent": 1, "acked_seq": 2, "rejected": 0}
+    result = cli("send", "--id", DEV, "--token", daemon.dev_token, *address,
+                 data_dir=daemon.data_dir, stdin=b"x\n")  # fmt: skip
+    assert result.returncode == 2 and b"--token" in result.stderr
+    assert [f["seq"] for f in dump(daemon.data_dir)] == [1, 2]
 
 
 def test_send_with_a_malformed_token_is_a_one_line_error(daemon):
@@ -621,16 +622,12 @@ def test_send_with_a_malformed_token_is_a_one_line_error(daemon):
 
 
 def test_send_with_a_bad_connect_address_is_a_one_line_error(daemon):
-    result = cli(
-        "send",
-        "--id",
-        DEV,
-        f"--token={daemon.dev_token}",
+    result = send(
+        daemon,
         "--connect",
         "nowhere",
         "--channel",
         "1",
-        data_dir=daemon.data_dir,
         stdin=b"x\n",
     )
     one_line_error(result, "nowhere")

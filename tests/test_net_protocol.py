@@ -300,13 +300,13 @@ def start_with(daemon_factory, config: str, *identities: tuple[str, ...], revoke
 # -- handshake (§4) ----------------------------------------------------------------
 
 
+NO_MAC = "m/no-mac"
+ALL_MACS = ",".join(crypto.MAC_ALGORITHMS)
+
+
 def opt_in_to_none(d: Daemon) -> str:
     """The token of NO_MAC, a module like dev/core-0 whose policy allows mac "none" too."""
     return d.add_identity(NO_MAC, "--kind", "module", "--channels", "1-8", "--mac", ALL_MACS)
-
-
-NO_MAC = "m/no-mac"
-ALL_MACS = ",".join(crypto.MAC_ALGORITHMS)
 
 
 def test_handshake_welcomes_with_every_mac_and_fresh_nonces(daemon):
@@ -329,9 +329,9 @@ def test_handshake_welcomes_with_every_mac_and_fresh_nonces(daemon):
         peer.expect_ack(seq)
         assert peer.bye() == seq
     assert len(nonces) == 3
-    assert stored(daemon) == [1, 2, 3]
+    assert stored(daemon, NO_MAC) == [1, 2, 3]
     # the proof is compared as lowercase hex: an uppercase one is the same proof
-    peer = Peer(daemon)
+    peer = Peer(daemon, NO_MAC, token)
     peer.hello(lambda h: {**h, "proof": h["proof"].upper()})
     assert peer.expect(WELCOME)[1] == 3
     assert_healthy(daemon)
@@ -732,7 +732,7 @@ def test_quota_reached_is_busy_and_not_stored(daemon_factory):
     assert busy_seq is not None and 1500 <= busy_seq <= 2100, busy_seq
     assert stored(d) == list(range(1, busy_seq))
     # after a reconnect the core is refused again, and its connection stays open
-    again = Peer(d, mac="none")
+    again = Peer(d)
     again.handshake()
     again.data(2, seq + 1, b"small")
     again.expect_nack(seq + 1, ErrorCode.BUSY)

@@ -22,7 +22,7 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
-from appliance.auth.registry import Identity, RegistryError, parse_channels
+from appliance.auth.registry import Identity, RegistryError, format_channels, parse_channels
 from appliance.protocol import crypto
 
 FIELDS = ("id", "kind", "module", "channels", "fingerprint", "mac")
@@ -70,17 +70,6 @@ def write_identities(out: TextIO, identities: Iterable[Identity], fmt: str) -> N
     else:
         for record in records:
             out.write(json.dumps(record) + "\n")
-
-
-def format_channels(channels: Iterable[int]) -> str:
-    """The inverse of parse_channels: [1, 2, 5, 6, 7] -> "1-2,5-7"."""
-    ranges: list[list[int]] = []
-    for channel in sorted(channels):
-        if ranges and channel == ranges[-1][1] + 1:
-            ranges[-1][1] = channel
-        else:
-            ranges.append([channel, channel])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
 
 
 # -- reading -------------------------------------------------------------------------

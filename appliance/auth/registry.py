@@ -133,6 +133,17 @@ def parse_channels(text: str) -> list[int]:
     return sorted(channels)
 
 
+def format_channels(channels: Iterable[int]) -> str:
+    """The inverse of parse_channels: {1, 2, 3, 7} -> "1-3,7"; none -> ""."""
+    ranges: list[list[int]] = []
+    for channel in sorted(channels):
+        if ranges and channel == ranges[-1][1] + 1:
+            ranges[-1][1] = channel
+        else:
+            ranges.append([channel, channel])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
 class _Table:
     """One version of the file: id -> its line, each parsed when first looked up.
 
