@@ -733,3 +733,142 @@ def test_serve_on_a_port_in_use_fails_with_one_line_and_no_traceback(daemon, tmp
     assert last.startswith("module-ingest: ") and "in use" in last, err
     # the first daemon is unharmed
     assert daemon.proc.poll() is None
+
+
+# -- identity import / export ---------------------------------------------------------
+
+FLEET_CSV = """id,kind,module,channels,fingerprint,mac
+m-1,module,,,,
+m-1/core-0,core,m-1,"1,2,5-7",sha256:abc,hmac-sha256
+m-1/core-1,core,m-1,3,,"blake2s,none"
+ops,user,,1-8,,
+"""
+
+
+def registry_bytes(data: Path) -> bytes:
+    path = data / "identities.json"
+    return path.read_bytes() if path.exists() else b""
+
+
+def test_import_csv_prints_the_tokens_and_the_identities_work(daemon, tmp_path):
+    fleet = tmp_path / "fleet.csv"
+    fleet.write_text(FLEET_CSV)
+    tokens = json_lines(ok(cli("identity", "import", str(fleet), data_dir=daemon.data_dir)))
+    assert [t["id"] for t in tokens] == ["m-1", "m-1/core-0", "m-1/core-1", "ops"]
+    assert all(set(t) == {"id", "token"} for t in tokens)
+    listed = {i["id"]: i for i in json_lines(ok(cli("identity", "list", data_dir=daemon.data_dir)))}
+    core = listed["m-1/core-0"]
+    assert (core["kind"], core["module"], core["channels"]) == ("core", "m-1", [1, 2, 5, 6, 7])
+    assert (core["fingerprint"], core["mac"]) == ("sha256:abc", ["hmac-sha256"])
+    assert listed["m-1"]["mac"] == ["blake2s", "hmac-sha256"]  # the default policy
+    assert listed["m-1/core-1"]["mac"] == ["blake2s", "none"]
+    # the running daemon picks them up like any other change
+    token = {t["id"]: t["token"] for t in tokens}["m-1"]
+    with connect(daemon, "m-1", token) as module:
+        module.send(0, b"provisioned")
+
+
+def test_import_jsonl_to_a_private_tokens_file_that_is_never_overwritten(tmp_path):
+    data = tmp_path / "data"
+    fleet = tmp_path / "fleet.jsonl"
+    rows = [
+        {"id": "m-2/core-0", "kind": "core", "module": "m-2", "channels": "1-3"},
+        {"id": "m-2/core-1", "kind": "core", "module": "m-2", "channels": [4, 5], "mac": None},
+    ]
+    fleet.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "tokens.jsonl"
+    summary = json.loads(ok(cli("identity", "import", str(fleet), "--tokens-out", str(out),
+                                data_dir=data)))  # fmt: skip
+    assert summary == {"imported": 2, "tokens": str(out)}
+    assert mode(out) == 0o600
+    tokens = json_lines(out.read_text())
+    assert [t["id"] for t in tokens] == ["m-2/core-0", "m-2/core-1"]
+
+    before, written = registry_bytes(data), out.read_bytes()
+    fleet.write_text(json.dumps({"id": "m-3", "kind": "module"}) + "\n")
+    one_line_error(cli("identity", "import", str(fleet), "--tokens-out", str(out), data_dir=data),
+                   str(out))  # fmt: skip
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(tmp_path / "victim")
+    one_line_error(cli("identity", "import", str(fleet), "--tokens-out", str(link), data_dir=data),
+                   str(link))  # fmt: skip
+    assert not (tmp_path / "victim").exists()
+    assert out.read_bytes() == written and registry_bytes(data) == before
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("id,kind,colour\nm,module,red\n", "row 1: unknown key 'colour'"),
+        ("id,kind,channels\na,module,1\nb,module,9-3\n", "row 3: reversed channel range"),
+        ("id,kind,channels\na,module,70000\n", "row 2: channel 70000 out of range"),
+        ("id,kind\na,module\nb,module\na,module\n", "row 4: identity 'a' given twice"),
+        ("id,kind,module\na,module,\ndev/core-0,core,dev\n", "row 3: identity 'dev/core-0' already"),
+        ("id,kind\na,robot\n", "row 2: bad kind"),
+        ("id,kind,mac\na,module,md5\n", "row 2: unknown MAC algorithm 'md5'"),
+        ("id,kind\na,module,extra\n", "row 2: 3 values for 2 keys"),
+        ("id,kind\n,module\n", "row 2: 'id' and 'kind' are required"),
+        ("", "row 1: empty file"),
+    ],
+)
+def test_import_is_all_or_nothing_with_one_line_naming_the_row(tmp_path, text, needle):
+    data = tmp_path / "data"
+    ok(cli("identity", "add", "dev/core-0", "--kind", "core", "--module", "dev", data_dir=data))
+    before = registry_bytes(data)
+    fleet = tmp_path / "fleet.csv"
+    fleet.write_text(text)
+    out = tmp_path / "tokens.jsonl"
+    result = cli("identity", "import", str(fleet), "--tokens-out", str(out), data_dir=data)
+    assert result.returncode == 2
+    one_line_error(result, needle, str(fleet))
+    assert registry_bytes(data) == before and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ("{not json", "row 2: not valid JSON"),
+        ("[1, 2]", "row 2: not a JSON object"),
+        ('{"id": "b", "kind": "module", "admin": true}', "row 2: unknown key 'admin'"),
+        ('{"id": "b", "kind": "module", "channels": [1, "2"]}', "row 2: 'channels' must be"),
+        ('{"id": 7, "kind": "module"}', "row 2: 'id' must be a string"),
+    ],
+)
+def test_import_jsonl_errors_name_the_row(tmp_path, line, needle):
+    data = tmp_path / "data"
+    fleet = tmp_path / "fleet.txt"  # no telling extension: --format says it
+    fleet.write_text('{"id": "a", "kind": "module"}\n' + line + "\n")
+    one_line_error(cli("identity", "import", str(fleet), "--format", "jsonl", data_dir=data),
+                   needle)  # fmt: skip
+    assert registry_bytes(data) == b""
+
+
+def test_import_of_a_file_it_cannot_read_or_tell_is_one_line(tmp_path):
+    data = tmp_path / "data"
+    one_line_error(cli("identity", "import", str(tmp_path / "nope.csv"), data_dir=data), "nope")
+    (tmp_path / "fleet.txt").write_text("id,kind\n")
+    one_line_error(cli("identity", "import", str(tmp_path / "fleet.txt"), data_dir=data),
+                   "--format")  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_export_never_shows_a_secret_and_round_trips_through_import(tmp_path, fmt):
+    first, second = tmp_path / "first", tmp_path / "second"
+    fleet = tmp_path / "fleet.csv"
+    fleet.write_text(FLEET_CSV)
+    tokens = json_lines(ok(cli("identity", "import", str(fleet), data_dir=first)))
+    ok(cli("identity", "add", "gone", "--kind", "module", data_dir=first))
+    ok(cli("identity", "revoke", "gone", data_dir=first))
+    exported = ok(cli("identity", "export", "--format", fmt, data_dir=first))
+    for token in tokens:
+        assert token["token"] not in exported
+    assert "gone" not in exported  # a revoked identity is not provisioned again
+    again = tmp_path / f"again.{fmt}"
+    again.write_text(exported)
+    new_tokens = json_lines(ok(cli("identity", "import", str(again), data_dir=second)))
+    assert [t["id"] for t in new_tokens] == [t["id"] for t in tokens]
+    assert {t["token"] for t in new_tokens}.isdisjoint(t["token"] for t in tokens)
+    assert ok(cli("identity", "export", "--format", fmt, data_dir=second)) == exported
+    if fmt == "csv":
+        assert exported.splitlines()[0] == "id,kind,module,channels,fingerprint,mac"
+        assert 'm-1/core-0,core,m-1,"1-2,5-7",sha256:abc,hmac-sha256' in exported
