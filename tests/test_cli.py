@@ -803,7 +803,7 @@ def test_import_jsonl_to_a_private_tokens_file_that_is_never_overwritten(tmp_pat
         ("id,kind,channels\na,module,1\nb,module,9-3\n", "row 3: reversed channel range"),
         ("id,kind,channels\na,module,70000\n", "row 2: channel 70000 out of range"),
         ("id,kind\na,module\nb,module\na,module\n", "row 4: identity 'a' given twice"),
-        ("id,kind,module\na,module,\ndev/core-0,core,dev\n", "row 3: identity 'dev/core-0' alr"),
+        ("id,kind,module\na,module,\ndev/core-0,core,dev\n", "row 3: identity 'dev/core-0'"),
         ("id,kind\na,robot\n", "row 2: bad kind"),
         ("id,kind,mac\na,module,md5\n", "row 2: unknown MAC algorithm 'md5'"),
         ("id,kind\na,module,extra\n", "row 2: 3 values for 2 keys"),
