@@ -170,9 +170,11 @@ def test_identity_revoke(tmp_path):
     listed = {i["id"]: i for i in json_lines(ok(cli("identity", "list", data_dir=data)))}
     assert listed["u1"]["revoked"] is True
     assert listed["u2"]["revoked"] is False
-    # revoking again is harmless; the id stays taken
+    # revoking again is harmless; an active id stays taken, a revoked one can be re-added
     ok(cli("identity", "revoke", "u1", data_dir=data))
-    one_line_error(cli("identity", "add", "u1", "--kind", "user", data_dir=data), "u1")
+    one_line_error(cli("identity", "add", "u2", "--kind", "user", data_dir=data), "u2")
+    readded = json.loads(ok(cli("identity", "add", "u1", "--kind", "module", data_dir=data)))
+    assert (readded["kind"], readded["revoked"]) == ("module", False)
 
 
 def test_revoke_closes_the_connection_and_refuses_the_next(daemon):
