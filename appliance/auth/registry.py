@@ -55,8 +55,8 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import repeat
-from operator import methodcaller
+from itertools import compress, repeat
+from operator import itemgetter, methodcaller, ne
 from pathlib import Path
 from typing import Any
 
@@ -144,18 +144,22 @@ def format_channels(channels: Iterable[int]) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
 
 
+# id -> (its line, the identity parsed from it): each identity looked up or written
+_Known = dict[str, tuple[bytes, Identity]]
+
+
 class _Table:
     """One version of the file: id -> its line, each parsed when first looked up.
 
-    `shared` maps lines to identities already parsed (the registry's cache, kept
-    across versions, so an unchanged line is parsed once); what this table parses
-    or sets goes to `own` until the registry adopts the table.
+    `known` holds the registry's parsed identities (kept across versions, so an
+    unchanged line is parsed once); what this table parses or sets goes to `own`
+    until the registry adopts the table.
     """
 
-    def __init__(self, lines: dict[str, bytes], shared: dict[bytes, Identity]) -> None:
+    def __init__(self, lines: dict[str, bytes], known: _Known) -> None:
         self.lines = lines
-        self.shared = shared
-        self.own: dict[bytes, Identity] = {}
+        self.known = known
+        self.own: _Known = {}
         self.dirty = False
 
     def get(self, ident: str) -> Identity | None:
@@ -163,15 +167,18 @@ class _Table:
         line = self.lines.get(ident)
         if line is None:
             return None
-        identity = self.shared.get(line) or self.own.get(line)
-        if identity is None:
-            identity = self.own[line] = _parse_line(ident, line)
+        for cache in (self.own, self.known):
+            entry = cache.get(ident)
+            if entry is not None and entry[0] == line:
+                return entry[1]
+        identity = _parse_line(ident, line)
+        self.own[ident] = (line, identity)
         return identity
 
     def set(self, identity: Identity) -> None:
         line = _line(identity)
         self.lines[identity.id] = line
-        self.own[line] = identity
+        self.own[identity.id] = (line, identity)
         self.dirty = True
 
 
@@ -186,8 +193,8 @@ class Registry:
         self.path = Path(path)
         self._lock_path = self.path.with_name(self.path.name + ".lock")
         self._lines: dict[str, bytes] = {}
-        self._parsed: dict[bytes, Identity] = {}
-        self._bad: set[bytes] = set()  # entries refused at lookup (logged once each)
+        self._known: _Known = {}
+        self._bad: dict[str, bytes] = {}  # lines refused at lookup (each logged once)
         self._signature: _Signature | None = None
         self._loaded = False
         # Identities that were handed out active but whose entry has changed since the
@@ -243,30 +250,31 @@ class Registry:
         line = self._lines.get(ident)
         if line is None:
             return None
-        identity = self._parsed.get(line)
-        if identity is None:
-            try:
-                identity = _parse_line(ident, line)
-            except RegistryError as e:
-                if line not in self._bad:
-                    self._bad.add(line)
-                    log.error("identities: %s: identity %r refused: %s", self.path, ident, e)
-                return None
-            self._parsed[line] = identity
+        entry = self._known.get(ident)
+        if entry is not None and entry[0] == line:
+            return entry[1]
+        try:
+            identity = _parse_line(ident, line)
+        except RegistryError as e:
+            if self._bad.get(ident) != line:
+                self._bad[ident] = line
+                log.error("identities: %s: identity %r refused: %s", self.path, ident, e)
+            return None
+        self._known[ident] = (line, identity)
         return identity
 
     def list(self) -> list[Identity]:
         """Every identity, sorted by id; RegistryError names the first bad entry."""
         if not self._loaded:
             self.load()
-        table = _Table(self._lines, self._parsed)
+        table = _Table(self._lines, self._known)
         out = []
         for ident in sorted(self._lines):
             try:
                 out.append(table.get(ident))
             except RegistryError as e:
                 raise RegistryError(f"{self.path}: identity {ident!r}: {e}") from None
-        self._parsed.update(table.own)
+        self._known.update(table.own)
         return out
 
     # -- writing -------------------------------------------------------------
@@ -371,16 +379,18 @@ class Registry:
     # -- file ----------------------------------------------------------------
 
     def _adopt(self, table: _Table, signature: _Signature | None) -> None:
-        parsed = self._parsed
-        if parsed:
-            # Entries handed out that this version no longer holds as they were.
-            present = set(table.lines.values())
-            for line in parsed.keys() - present:
-                old = parsed.pop(line)
+        known = self._known
+        if known:
+            # Identities handed out whose line this version changed or dropped: compared
+            # with C-level calls, since the daemon's loop waits (no hashing of lines).
+            ids = list(known)
+            now = map(table.lines.get, ids)
+            changed = list(compress(ids, map(ne, now, map(itemgetter(0), known.values()))))
+            for ident in changed:
+                old = known.pop(ident)[1]
                 if not old.revoked:
-                    self._suspects.setdefault(old.id, old.secret)
-            self._bad &= present
-        parsed.update(table.own)
+                    self._suspects.setdefault(ident, old.secret)
+        known.update(table.own)
         self._lines = table.lines
         self._loaded = True
         self._signature = signature
@@ -420,13 +430,13 @@ class Registry:
                 st = os.fstat(f.fileno())
                 data = f.read()
         except FileNotFoundError:
-            return _Table({}, self._parsed), None
+            return _Table({}, self._known), None
         except OSError as e:
             raise RegistryError(f"{self.path}: cannot read: {e.strerror}") from None
         signature = (st.st_ino, st.st_size, st.st_mtime_ns)
         lines = _split(data)
         if lines is not None:
-            return _Table(lines, self._parsed), signature
+            return _Table(lines, self._known), signature
         return self._read_document(data), signature
 
     def _read_document(self, data: bytes) -> _Table:
@@ -439,7 +449,7 @@ class Registry:
             raise RegistryError(f"{self.path}: not a registry (no identities object)")
         if doc.get("version") != FORMAT_VERSION:
             raise RegistryError(f"{self.path}: unsupported version {doc.get('version')!r}")
-        table = _Table({}, self._parsed)
+        table = _Table({}, self._known)
         for ident, entry in doc["identities"].items():
             try:
                 identity = _from_json(ident, entry)
@@ -447,7 +457,7 @@ class Registry:
                 raise RegistryError(f"{self.path}: identity {ident!r}: {e}") from None
             line = _line(identity)
             table.lines[ident] = line
-            table.own[line] = identity
+            table.own[ident] = (line, identity)
         return table
 
     def _write(self, lines: dict[str, bytes], previous: _Signature | None) -> _Signature:
