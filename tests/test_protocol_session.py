@@ -401,7 +401,7 @@ MALFORMED_HELLOS = {
     "mac uppercase": hello_payload(mac="BLAKE2S"),
     # revision 2 bounds, in bytes of UTF-8
     "id of 129 bytes": hello_payload(id="i" * 129),
-    "id of 60000 characters": hello_payload(id="i" * 60000),
+    "id of 3000 characters": hello_payload(id="i" * 3000),  # within HELLO_MAX_PAYLOAD
     "id of 64 characters, 192 bytes": hello_payload(id="\u20ac" * 64),
     "fingerprint of 257 bytes": hello_payload(fingerprint="f" * 257),
     "fingerprint of 200 characters, 400 bytes": hello_payload(fingerprint="\u00e9" * 200),
@@ -705,3 +705,8 @@ def test_frames_seen_counts_ping_before_welcome():
     bad[-1] ^= 0x01
     server.receive_data(bytes(bad))
     assert server.frames_seen == 1
+
+
+def test_parse_hello_refuses_a_60000_character_id_before_encoding_it():
+    assert parse_hello(hello_payload(id="i" * 60000)) is None
+    assert parse_hello(hello_payload(fingerprint="\u00e9" * 60000)) is None
