@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import resource
 import stat
 import sys
+import tempfile
 from pathlib import Path
 
 from appliance.auth.registry import Registry
 from appliance.config import Config, ConfigError
 from appliance.console.serial_port import install as install_console
-from appliance.durable import make_dirs
+from appliance.durable import fsync_dir, make_dirs
 from appliance.net.server import Server
 from appliance.store import wal_dir
 from appliance.store.wal import Store
@@ -49,14 +51,20 @@ def ensure_data_dir(data_dir: Path) -> None:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read, atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a file only its owner can read, atomically and durably. mkstemp creates the
+    temp file 0600 and exclusively, so no planted file or symlink is written through."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
 
 
 def ensure_dev_identity(config: Config, registry: Registry, out=sys.stdout) -> None:
