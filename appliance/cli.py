@@ -117,7 +117,7 @@ def cmd_identity_bind(args, config) -> int:
 def cmd_identity_import(args, config) -> int:
     try:
         fmt = provisioning.format_for(args.file, args.format)
-        with open(args.file, encoding="utf-8", newline="") as f:
+        with open(args.file, encoding="utf-8-sig", newline="") as f:  # a BOM from Excel
             specs, rows = provisioning.read_specs(f, fmt)
     except provisioning.ProvisioningError as exc:
         raise CliError(f"import: {args.file}: {exc}") from None

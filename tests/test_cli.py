@@ -874,3 +874,10 @@ def test_export_never_shows_a_secret_and_round_trips_through_import(tmp_path, fm
     if fmt == "csv":
         assert exported.splitlines()[0] == "id,kind,module,channels,fingerprint,mac"
         assert 'm-1/core-0,core,m-1,"1-2,5-7",sha256:abc,hmac-sha256' in exported
+
+
+def test_import_reads_a_spreadsheet_export_with_a_bom_and_crlf(tmp_path):
+    fleet = tmp_path / "fleet.csv"
+    fleet.write_bytes(b"\xef\xbb\xbf" + FLEET_CSV.replace("\n", "\r\n").encode())
+    tokens = json_lines(ok(cli("identity", "import", str(fleet), data_dir=tmp_path / "data")))
+    assert len(tokens) == 4
