@@ -15,6 +15,7 @@ from appliance.auth.registry import KINDS, Registry, RegistryError, parse_channe
 from appliance.client import Client, ClientError
 from appliance.config import ConfigError, parse_address
 from appliance.config import load as load_config
+from appliance.durable import fsync_dir
 from appliance.protocol.crypto import DEFAULT_MACS, MAC_ALGORITHMS, token_to_secret
 from appliance.store import tools
 from appliance.store.recovery import read_records
@@ -126,11 +127,7 @@ def cmd_identity_import(args, config) -> int:
     # Created before the registry changes, so a name that is taken changes nothing.
     out = _create_private(args.tokens_out) if args.tokens_out else None
     try:
-        try:
-            tokens = _registry(config).add_many(specs)
-        except RegistryError as exc:
-            where = f"row {rows[exc.index]}: " if exc.index is not None else ""
-            raise CliError(f"import: {args.file}: {where}{exc}") from None
+        tokens = _add_rows(config, args.file, specs, rows)
     except BaseException:
         if out is not None:
             out.close()
@@ -140,12 +137,28 @@ def cmd_identity_import(args, config) -> int:
     if out is None:
         sys.stdout.write(lines)
         return 0
-    with out:
-        out.write(lines)
-        out.flush()
-        os.fsync(out.fileno())
+    try:
+        with out:
+            out.write(lines)
+            out.flush()
+            os.fsync(out.fileno())
+        fsync_dir(os.path.dirname(os.path.abspath(args.tokens_out)))
+    except OSError as exc:
+        raise CliError(
+            f"import: {len(tokens)} identities were added, but their tokens could not be "
+            f"written to {args.tokens_out} ({_reason(exc)}): rotate them"
+        ) from None
     print(json.dumps({"imported": len(tokens), "tokens": args.tokens_out}))
     return 0
+
+
+def _add_rows(config, path: str, specs: list[dict], rows: list[int]) -> dict[str, str]:
+    """Registry.add_many, its error naming the row at fault."""
+    try:
+        return _registry(config).add_many(specs)
+    except RegistryError as exc:
+        where = f"row {rows[exc.index]}: " if exc.index is not None else ""
+        raise CliError(f"import: {path}: {where}{exc}") from None
 
 
 def cmd_identity_export(args, config) -> int:
