@@ -34,6 +34,7 @@ from _procfs import (
 )
 
 from appliance.auth.registry import Registry
+from appliance.protocol.crypto import MAC_ALGORITHMS
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"  # has the daemon's dependencies (scripts/serve)
@@ -98,6 +99,7 @@ class Daemon:
                 "kind": "core",
                 "module": "bench",
                 "channels": [CHANNEL],
+                "macs": MAC_ALGORITHMS,  # --mac none is measured too: opt in to it
             }
             for n in range(self.connections)
         )
