@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,7 +29,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from conftest import cli, subscriber_pid, wait_for
+from conftest import cli, free_port, subscriber_pid, wait_for
 
 from appliance.client import Client
 from appliance.store import meta
@@ -49,12 +48,6 @@ pytest.importorskip("moto", reason="needs moto[server] (the dev extra)")
 
 MiB = 1024 * 1024
 KEYS = sigv4.Credentials("testing", "testing")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Moto:

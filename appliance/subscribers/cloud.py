@@ -56,9 +56,7 @@ access_key_id, secret_access_key, session_token.
 
 from __future__ import annotations
 
-import base64
 import configparser
-import json
 import logging
 import os
 import random
@@ -71,6 +69,7 @@ from urllib.parse import quote
 
 from appliance.store.segment import Record
 from appliance.subscribers.base import Context, Subscriber
+from appliance.subscribers.lines import frame_line
 from appliance.subscribers.s3 import S3Client, S3Config, S3Error
 from appliance.subscribers.sigv4 import Credentials
 
@@ -126,21 +125,6 @@ def resolve_credentials(options: dict, environ=os.environ) -> Credentials:
         "no credentials: set access_key_id and secret_access_key in the table, or "
         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a shared credentials file"
     )
-
-
-LINE = b'{"id": %s, "channel": %d, "seq": %d, "ts_ns": %d, "recv_ns": %d, "payload_b64": "%s"}\n'
-_ids: dict[str, bytes] = {}  # identity -> its JSON string: a few identities, many frames
-
-
-def frame_line(rec: Record) -> bytes:
-    """One frame as a JSON line, with the keys of `module-ingest dump` (store/tools.py)."""
-    ident = _ids.get(rec.identity)
-    if ident is None:
-        if len(_ids) > 4096:
-            _ids.clear()
-        ident = _ids[rec.identity] = json.dumps(rec.identity).encode()
-    payload = base64.b64encode(rec.payload)
-    return LINE % (ident, rec.channel, rec.seq, rec.ts_ns, rec.recv_ns, payload)
 
 
 def object_key(prefix: str, first: Record) -> str:

@@ -17,6 +17,8 @@ from appliance.subscribers.base import Context, Subscriber
 
 
 class JsonlFile(Subscriber):
+    OPTIONS = {}  # no options of its own: any other key in its table is refused
+
     def __init__(self, context: Context) -> None:
         super().__init__(context)
         self.file = open(context.state_dir / "records.jsonl", "a", encoding="utf-8")  # noqa: SIM115
