@@ -193,7 +193,8 @@ def check_value(name: str, spec: Spec, value: Any, where: str, choices: tuple | 
     if low is not None and value < low:
         raise ConfigError(f"{where}: {name} must be >= {low}, got {value!r}")
     if choices is not None and value not in choices:
-        raise ConfigError(f"{where}: {name} must be one of {', '.join(choices)}, got {value!r}")
+        allowed = ", ".join(map(str, choices))
+        raise ConfigError(f"{where}: {name} must be one of {allowed}, got {value!r}")
     return value
 
 

@@ -366,15 +366,9 @@ def test_a_damaged_state_file_is_set_aside(tmp_path, caplog):
     assert len(json.loads(state.read_text())["state"]["pending"][0]["frames"]) == 2
 
 
-def test_options_are_checked_in_one_line(tmp_path):
-    with pytest.raises(InferenceError, match=r"output_channel = 0\.\.65535 is required"):
-        make_sub(tmp_path, output_channel=None)
+def test_a_model_that_does_not_load_is_one_line(tmp_path):
     with pytest.raises(InferenceError, match=r"model file .* not found"):
         make_sub(tmp_path, model=str(tmp_path / "missing.tflite"))
-    with pytest.raises(InferenceError, match="backend must be tflite or fpga"):
-        make_sub(tmp_path, backend="gpu")
-    with pytest.raises(InferenceError, match="option window must be int"):
-        make_sub(tmp_path, window="4")
     bad_model = tmp_path / "bad.tflite"
     bad_model.write_bytes(b"not a flatbuffer" * 8)
     with pytest.raises(InferenceError, match="cannot load"):

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from appliance.config import Spec
+from appliance.config import Spec, check_table
 from appliance.store.segment import Record
 
 ENTRY_POINT_GROUP = "module_ingest.subscribers"
@@ -87,6 +87,10 @@ class Subscriber:
         self.context = context
         self.name = context.name
         self.options = context.options
+        if self.OPTIONS is not None:  # checked at start already; here for the defaults
+            where = getattr(context.config, "path", None) or "options"
+            table = f"subscribers.{self.name}"
+            self.options = check_table(table, context.options, self.OPTIONS, where, self.CHOICES)
 
     def handle(self, records: list[Record]) -> None:
         """Process one batch (log order, already filtered). Raise to have it redelivered."""

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib.util
 import json
 import logging
 import os
@@ -62,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.config import ConfigError
+from appliance.config import REQUIRED, ConfigError, OptionError
 from appliance.store.segment import Record
 from appliance.subscribers.base import Context, Subscriber
 
@@ -206,7 +207,7 @@ class DecodeRule:
 
     @classmethod
     def from_options(cls, options: dict[str, Any], backend: Backend) -> DecodeRule:
-        shape = options.get("shape")
+        shape = options.get("shape") or None  # none or []: from the model
         if shape is not None and not isinstance(shape, list):
             raise InferenceError(f"inference: shape must be a list of ints, not {shape!r}")
         return cls(
@@ -292,24 +293,54 @@ def latency_summary(latencies_ms) -> dict[str, float]:
 
 
 class InferenceSubscriber(Subscriber):
+    OPTIONS = {  # documented in the module docstring
+        "output_channel": (int, REQUIRED, 0),
+        "backend": (str, "tflite", None),
+        "model": (str, "", None),
+        "threads": (int, 1, 1),
+        "device": (str, "", None),
+        "link": (str, "auto", None),
+        "baudrate": (int, 115200, 50),
+        "timeout": (float, 1.0, 0.001),
+        "retries": (int, 2, 0),
+        "dtype": (str, "float32", None),
+        "shape": (list[int], [], None),  # []: the model's input size / window
+        "window": (int, 1, 1),
+        "scale": (float, 1.0, None),
+        "offset": (float, 0.0, None),
+        "labels": (list[str], [], None),
+    }
+    CHOICES = {"backend": ("tflite", "fpga"), "link": ("auto", "serial", "chardev")}
+
+    @classmethod
+    def check(cls, options: dict[str, Any], config_dir: Path) -> None:
+        if options["output_channel"] > 0xFFFF:
+            raise OptionError("output_channel", "a channel is 0..65535")
+        if options["backend"] == "fpga":
+            if not options["device"]:
+                raise OptionError("device", "the fpga backend needs device = PATH")
+            return
+        if importlib.util.find_spec("numpy") is None or not any(
+            importlib.util.find_spec(m) for m in ("ai_edge_litert", "tflite_runtime")
+        ):
+            raise OptionError("backend", f"tflite needs numpy and LiteRT: {EXTRA}")
+        if not options["model"]:
+            raise OptionError("model", "the tflite backend needs model = PATH")
+        model = Path(options["model"])
+        model = model if model.is_absolute() else config_dir / model
+        if not model.is_file():
+            raise OptionError("model", f"model file {model} not found")
+
     def __init__(self, context: Context, backend: Backend | None = None) -> None:
         super().__init__(context)
         require_numpy()
         opts = self.options
-        channel = opts.get("output_channel")
-        if type(channel) is not int or not 0 <= channel <= 0xFFFF:
-            raise InferenceError(f"inference {self.name}: output_channel = 0..65535 is required")
         if context.publish is None:
             raise InferenceError(f"inference {self.name}: the daemon gave no way to publish")
-        self.output_channel = channel
+        self.output_channel = opts["output_channel"]
         self.own_identity = f"subscriber/{self.name}"
-        labels = opts.get("labels", [])
-        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-            raise InferenceError(f"inference {self.name}: labels must be a list of strings")
-        self.labels = labels
-        config_path = getattr(context.config, "path", None)
-        base_dir = Path(config_path).resolve().parent if config_path else Path.cwd()
-        self.backend = backend if backend is not None else open_backend(opts, base_dir)
+        self.labels = opts["labels"]
+        self.backend = backend if backend is not None else open_backend(opts, context.config_dir)
         try:
             self.rule = DecodeRule.from_options(opts, self.backend)
         except BaseException:
@@ -331,7 +362,7 @@ class InferenceSubscriber(Subscriber):
             self.rule.window,
             list(self.rule.shape),
             self.rule.dtype.str,
-            channel,
+            self.output_channel,
         )
 
     # -- state file ----------------------------------------------------------------

@@ -109,7 +109,7 @@ class MqttSubscriber(Subscriber):
         "broker": (str, REQUIRED, None),
         "client_id": (str, "", None),
         "topic": (str, "fleet/{module}/{core}/{channel}", None),
-        "qos": (int, 1, 1),
+        "qos": (int, 1, None),
         "payload": (str, "raw", None),
         "username": (str, "", None),
         "password": (str, "", None),

@@ -213,7 +213,9 @@ class Status:
             own = self.sub.stats()
         except Exception as exc:  # a plug-in's stats must not stop its delivery
             own = {"stats_error": str(exc)}
+        times = os.times()
         line = {
+            "cpu_seconds": round(times.user + times.system, 3),  # this process's, so far
             "records": self.records,
             "batches": self.batches,
             "failures": self.failures,
@@ -247,6 +249,7 @@ class Runner:
         self.poll = table["poll"]
         self.status = Status(sub)
         self.retry = Backoff(*RETRY)
+        self.retry_at = 0.0  # after a failure: no attempt (batch or idle flush) before this
 
     def run(self) -> None:
         idle_at = time.monotonic()
@@ -262,7 +265,7 @@ class Runner:
                 self.stop.wait(self.poll)
                 continue
             if not records:
-                if now - idle_at >= IDLE_FLUSH:
+                if now - idle_at >= IDLE_FLUSH and now >= self.retry_at:
                     idle_at = now
                     self._attempt("flush", self._flush)
                 self.stop.wait(self.poll)
@@ -285,15 +288,12 @@ class Runner:
                 self.sub.handle(chosen)
             return self._flush()
 
-        while not self._attempt("batch", handle):
-            pause = self.retry.pause()
-            where = f"{records[0].segment}:{records[0].offset}"
-            log.warning(
-                "subscriber %s: the batch at %s comes again in %.1f s", self.sub.name, where, pause
-            )
-            if self.stop.wait(pause):
+        while True:
+            wait = self.retry_at - time.monotonic()
+            if wait > 0 and self.stop.wait(wait):
                 return False
-        self.retry.reset()
+            if self._attempt("batch", handle):
+                break
         self.status.records += len(chosen)
         self.status.batches += 1
         return True
@@ -310,16 +310,23 @@ class Runner:
         return True
 
     def _attempt(self, what: str, action) -> bool:
-        """Run `action`; a failure is one log line (the traceback at debug level) and False."""
+        """Run `action`. A failure is one log line (the traceback at debug level) and no
+        attempt of anything before a pause, exponential with jitter: False."""
         try:
             done = action()
-            self.status.failing = self.status.failing and not done
-            return done
         except Exception as exc:
             self.status.failed(what, exc)
-            log.error("subscriber %s: %s failed: %s", self.sub.name, what, exc)
+            pause = self.retry.pause()
+            self.retry_at = time.monotonic() + pause
+            log.error(
+                "subscriber %s: %s failed: %s; trying again in %.1f s",
+                self.sub.name, what, exc, pause,
+            )  # fmt: skip
             log.debug("subscriber %s: %s failed", self.sub.name, what, exc_info=True)
             return False
+        self.status.failing = False
+        self.retry.reset()
+        return done
 
     def _sync(self, records: list[Record]) -> None:
         """The records must be on flash before the cursor points past them: the daemon may

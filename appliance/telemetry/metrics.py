@@ -15,8 +15,9 @@ process and file-system figures from psutil. The dict it returns is JSON-able:
          dropped_frames, full, commits, commit_p50_ms, commit_p99_ms (None before the
          first commit), commit_error (None or text), stalled_seconds, recovery_seconds
     subscriber_lag_bytes: {subscriber: bytes}
-    subscribers: {subscriber: {type, pid, restarts, lag_bytes, records, batches, failures,
-                  last_error, last_error_time, and what the subscriber's stats() adds}}
+    subscribers: {subscriber: {type, pid, restarts, lag_bytes, cpu_seconds, records, batches,
+                  failures, failing, last_error, last_error_time, and what the
+                  subscriber's stats() adds}}
     process: rss_bytes, cpu_percent (since the previous snapshot)
     disk: path, free_bytes, total_bytes
 """
@@ -265,6 +266,7 @@ def _seconds(ms: float | None) -> float | None:
 # fields of a subscriber's status that Prometheus gets: (field, metric, kind, help)
 SUBSCRIBER_FAMILIES = (
     ("records", "records_total", "counter", "Records handled since its process started."),
+    ("cpu_seconds", "cpu_seconds_total", "counter", "CPU time of its process (user + system)."),
     ("failures", "failures_total", "counter", "Failed batches or flushes since it started."),
     ("restarts", "restarts_total", "counter", "Times the daemon restarted its process."),
     ("failing", "failing", "gauge", "1 while its last attempt failed (last_error in JSON)."),
