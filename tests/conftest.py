@@ -66,6 +66,13 @@ def cli(*args: str, data_dir: Path, stdin: bytes | None = None, config: Path | N
     )
 
 
+def stats_json(data_dir: Path) -> dict:
+    """`module-ingest stats --format json` of the daemon on data_dir."""
+    result = cli("stats", "--format", "json", data_dir=data_dir)
+    assert result.returncode == 0, result.stderr.decode()
+    return json.loads(result.stdout)
+
+
 class Daemon:
     """`module-ingest serve` as a subprocess; the first start picks a port, restarts keep it."""
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from conftest import cli, free_port, subscriber_pid, wait_for
+from conftest import cli, free_port, stats_json, subscriber_pid, wait_for
 
 from appliance.client import Client
 from appliance.config import ConfigError
@@ -589,17 +589,11 @@ def test_a_refused_upload_backs_off_and_shows_in_stats(tmp_path, daemon_factory)
         wait_for(lambda: len(pauses()) >= 4, timeout=20, what="four refused uploads")
         first, fourth = pauses()[0], pauses()[3]
         assert first <= 0.5 < 2.0 <= fourth <= 4.0  # 0.25-0.5 s, then 0.5-1, 1-2, 2-4 s
-        status = stats_of(d)["subscribers"]["up"]
+        status = stats_json(d.data_dir)["subscribers"]["up"]
         assert "SignatureDoesNotMatch" in status["last_error"] and status["failing"]
         assert status["lag_bytes"] > 0 and status["uploaded_records"] == 0
-        text = d.log() + json.dumps(stats_of(d))
+        text = d.log() + json.dumps(stats_json(d.data_dir))
         assert "Traceback" not in text and wrong not in text
         assert d.stop() == 0
     finally:
         server.stop()
-
-
-def stats_of(d) -> dict:
-    result = cli("stats", "--format", "json", data_dir=d.data_dir)
-    assert result.returncode == 0, result.stderr.decode()
-    return json.loads(result.stdout)

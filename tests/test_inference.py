@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, cli, subscriber_pid, wait_for
+from conftest import ROOT, cli, stats_json, subscriber_pid, wait_for
 from fpga_sim import FpgaSimulator, load_make_model
 
 from appliance.client import Client
@@ -601,6 +601,11 @@ def test_results_through_the_daemon(daemon_factory):
     assert {(r["first"][1], r["last"][1]) for r in got} == want
     assert len(got) == len(want)  # no crash: exactly once here
     assert "skipped (4 so far from it)" in d.log()  # 6 short frames: warned at 1, 2, 4
+    status = wait_for(
+        lambda: (s := stats_json(d.data_dir)["subscribers"]["ai"]).get("windows") == 10 and s,
+        what="the subscriber's status",
+    )
+    assert status["wrong_size_frames"] == 6 and status["latency_p99_ms"] > 0
 
 
 def test_kill_9_of_the_subscriber_loses_no_window(daemon_factory):

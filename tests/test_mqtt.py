@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import cli, free_port, wait_for
+from conftest import cli, free_port, stats_json, wait_for
 
 from appliance.client import Client
 
@@ -169,12 +169,6 @@ def dumped(d, channel: int | None = None) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def stats(d) -> dict:
-    result = cli("stats", "--format", "json", data_dir=d.data_dir)
-    assert result.returncode == 0, result.stderr.decode()
-    return json.loads(result.stdout)
-
-
 def test_frames_arrive_with_their_topics_and_payloads(daemon_factory, broker_factory, collect):
     broker = broker_factory()
     collector = collect(broker.port)
@@ -195,7 +189,7 @@ def test_frames_arrive_with_their_topics_and_payloads(daemon_factory, broker_fac
     assert json_msgs == dumped(d, 1)  # the keys of dump, in log order, once each
     assert raw_msgs == [b"frame %06d" % (1000 + i) for i in range(40)]
     status = wait_for(
-        lambda: (s := stats(d)["subscribers"])["raw"].get("confirmed") == 40 and s,
+        lambda: (s := stats_json(d.data_dir)["subscribers"])["raw"].get("confirmed") == 40 and s,
         what="the status lines",
     )
     assert status["up"]["confirmed"] == 300 and status["up"]["in_flight"] == 0
@@ -240,7 +234,7 @@ def test_a_broker_killed_mid_stream_loses_nothing(daemon_factory, broker_factory
     assert first_seen == sorted(first_seen)  # in order per core; repeats are re-sends
     assert "lost the connection" in d.log()
     after = wait_for(
-        lambda: (s := stats(d)["subscribers"]["up"])["in_flight"] == 0 and s,
+        lambda: (s := stats_json(d.data_dir)["subscribers"]["up"])["in_flight"] == 0 and s,
         what="the last PUBACKs in the status",
     )
     assert after["connects"] >= 2 and after["connected"]
@@ -301,7 +295,7 @@ def test_tls_with_a_test_ca_and_a_client_certificate(
         what="the frames over TLS",
     )
     stranger = wait_for(
-        lambda: (s := stats(d)["subscribers"]["stranger"]).get("last_error") and s,
+        lambda: (s := stats_json(d.data_dir)["subscribers"]["stranger"]).get("last_error") and s,
         what="the other CA's failure in stats",
     )
     assert "CERTIFICATE_VERIFY_FAILED" in stranger["last_error"]
@@ -329,7 +323,7 @@ def test_a_wrong_password_is_reported_and_retried_until_it_works(
     )  # fmt: skip
     stream(d, 200)
     status = wait_for(
-        lambda: (s := stats(d)["subscribers"]["up"]).get("failing") and s,
+        lambda: (s := stats_json(d.data_dir)["subscribers"]["up"]).get("failing") and s,
         what="the refusal in stats",
     )
     assert "refused the connection: Not authorized" in status["last_error"]
@@ -346,6 +340,6 @@ def test_a_wrong_password_is_reported_and_retried_until_it_works(
     broker.proc.send_signal(1)  # SIGHUP: mosquitto reloads its password file
     wait_for(lambda: len(collector.got()) >= 200, timeout=20, what="the frames after the fix")
     assert [p for _, p in collector.got()] == [b"frame %06d" % i for i in range(200)]
-    text = d.log() + json.dumps(stats(d))
+    text = d.log() + json.dumps(stats_json(d.data_dir))
     assert "not-the-right-one" not in text  # the password is in no log line, no stats
     assert d.stop() == 0

@@ -648,7 +648,7 @@ class ArchiveSubscriber(Subscriber):
         self.state_dir = Path(context.state_dir)
         self.root = archive_root(self.state_dir)
         self.state_path = self.state_dir / STATE_FILE
-        # counters (the runner may report them)
+        # counters, in stats
         self.written = 0
         self.skipped = 0
         self.compressed = 0
@@ -1206,6 +1206,14 @@ class ArchiveSubscriber(Subscriber):
         self.deleted += 1
         log.info("%s: deleted %s/%s (%s)", self.name, path.parent.name, path.name, why)
         return freed
+
+    def stats(self) -> dict:
+        return {
+            "written": self.written,
+            "skipped_as_archived": self.skipped,
+            "compressed_files": self.compressed,
+            "deleted_files": self.deleted,
+        }
 
     def close(self) -> None:
         try:

@@ -230,7 +230,7 @@ class IndexSubscriber(Subscriber):
         self._series: set[tuple[int, int]] = set()
         self._next_expire = 0.0
         self._expire_from = 0  # retention goes round the series from here
-        self.inserted = 0  # counters, for tests and the benchmark
+        self.inserted = 0  # counters, in stats
         self.duplicates = 0
         self.expired = 0
         self.db = self._open()
@@ -302,6 +302,9 @@ class IndexSubscriber(Subscriber):
                 deleted = 0
             pause = 0.0 if deleted >= self.chunk else RETENTION_EVERY  # a backlog: on it goes
             self._next_expire = time.monotonic() + pause
+
+    def stats(self) -> dict[str, Any]:
+        return {"inserted": self.inserted, "duplicates": self.duplicates, "expired": self.expired}
 
     def close(self) -> None:
         if self.db.in_transaction:

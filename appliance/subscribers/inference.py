@@ -524,6 +524,15 @@ class InferenceSubscriber(Subscriber):
     def skipped_total(self) -> int:
         return sum(self.skipped.values())
 
+    def stats(self) -> dict[str, Any]:
+        latency = latency_summary(self.latencies)
+        return {
+            "windows": self.windows,
+            "wrong_size_frames": self.skipped_total,  # skipped: not the decode rule's size
+            "latency_p50_ms": latency["p50_ms"],
+            "latency_p99_ms": latency["p99_ms"],
+        }
+
     def flush(self) -> None:
         if self.state is self._saved:
             return

@@ -184,8 +184,10 @@ class MqttSubscriber(Subscriber):
             clean_session=True,
         )
         client.connect_timeout = opts["timeout"]
-        client.max_inflight_messages_set(self.max_inflight)
-        client.max_queued_messages_set(0)  # never reached: handle() keeps max_inflight
+        # handle() keeps at most max_inflight unconfirmed; paho's own limit would cost a
+        # walk over every unconfirmed message per PUBACK (quadratic), so it is off
+        client.max_inflight_messages_set(0)
+        client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
         client.on_publish = self._on_publish
         client.on_disconnect = self._on_disconnect
