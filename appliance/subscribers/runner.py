@@ -1,8 +1,8 @@
 """One subscriber in its own process: `module-ingest subscriber NAME`.
 
 The daemon starts it (manager.py); it reads the log through the cursor
-`sub-NAME`, hands each batch (filtered by the table's `channels` and
-`identities`) to the subscriber, and commits the cursor only after `handle`,
+`sub-NAME` (reader.py), hands each batch (filtered by the table's `channels`
+and `identities`) to the subscriber, and commits the cursor only after `handle`,
 `flush` and any published frames' ACKs: data first, then the pointer. A batch
 whose handling raised comes again after a pause (exponential, with jitter). Being
 a process, a subscriber's CPU and its bugs stay out of the ingest loop.
@@ -41,6 +41,7 @@ from appliance.store.segment import Record, segment_name
 from appliance.store.tools import ToolError, cursor_lock, stop_on_signals
 from appliance.subscribers.backoff import Backoff
 from appliance.subscribers.base import ENTRY_POINT_GROUP, Context, Subscriber
+from appliance.subscribers.reader import LogReader
 from appliance.telemetry import logs
 
 log = logging.getLogger("appliance.subscribers")
@@ -243,8 +244,7 @@ class Runner:
         self.cursor = cursor
         self.publisher = publisher
         self.stop = stop
-        self.channels = frozenset(table["channels"])
-        self.identities = frozenset(table["identities"])
+        self.reader = LogReader(cursor, table["channels"], table["identities"])
         self.batch = table["batch"]
         self.poll = table["poll"]
         self.status = Status(sub)
@@ -254,47 +254,48 @@ class Runner:
     def run(self) -> None:
         idle_at = time.monotonic()
         log.info("subscriber %s: reading from %s", self.sub.name, list(self.cursor.position))
-        while not self.stop.is_set():
-            now = time.monotonic()
-            try:
-                records = self.cursor.read(self.batch)
-            except (OSError, ValueError) as exc:
-                # e.g. a segment the daemon is creating this moment (still empty)
-                self.cursor.position = self.cursor.committed or self.cursor.position
-                log.warning("subscriber %s: reading the log: %s", self.sub.name, exc)
-                self.stop.wait(self.poll)
-                continue
-            if not records:
-                if now - idle_at >= IDLE_FLUSH and now >= self.retry_at:
-                    idle_at = now
-                    self._attempt("flush", self._flush)
-                self.stop.wait(self.poll)
-                continue
-            self._sync(records)
-            if not self._deliver(records):
-                return  # stopping: the batch was not handled; it comes again next start
-            idle_at = time.monotonic()
+        try:
+            while not self.stop.is_set():
+                now = time.monotonic()
+                start = self.cursor.position
+                try:
+                    records, moved = self.reader.read(self.batch)
+                except (OSError, ValueError) as exc:
+                    # e.g. a segment the daemon is creating this moment (still empty)
+                    self.cursor.position = self.cursor.committed or start
+                    log.warning("subscriber %s: reading the log: %s", self.sub.name, exc)
+                    self.stop.wait(self.poll)
+                    continue
+                if not moved:
+                    if now - idle_at >= IDLE_FLUSH and now >= self.retry_at:
+                        idle_at = now
+                        self._attempt("flush", self._flush)
+                    self.stop.wait(self.poll)
+                    continue
+                self._sync(start[0], self.cursor.position[0])
+                if not self._deliver(records, start):
+                    return  # stopping: the batch was not handled; it comes again next start
+                idle_at = time.monotonic()
+        finally:
+            self.reader.close()
 
-    def _deliver(self, records: list[Record]) -> bool:
-        chosen = [
-            r
-            for r in records
-            if (not self.channels or r.channel in self.channels)
-            and (not self.identities or r.identity in self.identities)
-        ]
+    def _deliver(self, records: list[Record], start: tuple[int, int]) -> bool:
+        """Hand on the kept records of what was read from `start` (maybe none), flush,
+        commit; after a failure the same again, after a pause. False: stopping."""
 
         def handle() -> bool:
-            if chosen:
-                self.sub.handle(chosen)
+            if records:
+                self.sub.handle(records)
             return self._flush()
 
         while True:
             wait = self.retry_at - time.monotonic()
             if wait > 0 and self.stop.wait(wait):
+                self.cursor.position = start
                 return False
             if self._attempt("batch", handle):
                 break
-        self.status.records += len(chosen)
+        self.status.records += len(records)
         self.status.batches += 1
         return True
 
@@ -328,10 +329,10 @@ class Runner:
         self.retry.reset()
         return done
 
-    def _sync(self, records: list[Record]) -> None:
-        """The records must be on flash before the cursor points past them: the daemon may
-        not have finished its fdatasync of the newest ones yet."""
-        for number in range(records[0].segment, records[-1].segment + 1):
+    def _sync(self, first: int, last: int) -> None:
+        """What was read must be on flash before the cursor points past it: the daemon
+        may not have finished its fdatasync of the newest records yet."""
+        for number in range(first, last + 1):
             try:
                 fd = os.open(self.cursor.directory / segment_name(number), os.O_RDONLY)
             except FileNotFoundError:
