@@ -225,12 +225,17 @@ class DecodeRule:
 
     def assemble(self, payloads: list[bytes]):
         """The model input for one window of frame payloads (each `fits`)."""
+        return self.assemble_many([payloads])[0]
+
+    def assemble_many(self, windows: list[list[bytes]]):
+        """The model inputs of many windows at once (one array, one input per window)."""
         np = self.np
-        raw = np.frombuffer(b"".join(payloads), dtype=self.dtype)
-        raw = raw.reshape((len(payloads), *self.shape))  # (window, *shape): frames in order
+        raw = np.frombuffer(b"".join(b"".join(w) for w in windows), dtype=self.dtype)
+        # (windows, window, *shape): frames in order
+        raw = raw.reshape((len(windows), len(windows[0]), *self.shape))
         if self.scale != 1.0 or self.offset != 0.0:
             raw = raw.astype(np.float64) * self.scale + self.offset
-        return raw.astype(self.input_dtype).reshape(self.input_shape)
+        return raw.astype(self.input_dtype).reshape((len(windows), *self.input_shape))
 
 
 # -- window state ----------------------------------------------------------------------
@@ -456,8 +461,7 @@ class InferenceSubscriber(Subscriber):
         start = self._start_from(records[0])
         pending = dict(start.pending)
         rule = self.rule
-        results: list[tuple[bytes, int]] = []
-        latencies = []
+        windows: list[tuple[Key, tuple[Frame, ...]]] = []
         for rec in records:
             if (rec.segment, rec.offset) < start.pos or rec.identity == self.own_identity:
                 continue
@@ -470,9 +474,8 @@ class InferenceSubscriber(Subscriber):
                 pending[key] = frames
                 continue
             pending.pop(key, None)
-            payload, latency = self._infer(key, frames)
-            results.append((payload, frames[-1][1]))
-            latencies.append(latency)
+            windows.append((key, frames))
+        results, latencies = self._infer(windows)
         last = records[-1]
         # only now, with every window of the batch run: a failure above changes nothing
         self.base, self.state = start, Windows((last.segment, last.end), pending)
@@ -481,28 +484,36 @@ class InferenceSubscriber(Subscriber):
         self.windows += len(results)
         self.latencies.extend(latencies)
 
-    def _infer(self, key: Key, frames: tuple[Frame, ...]) -> tuple[bytes, float]:
-        ident, channel = key
+    def _infer(self, windows: list[tuple[Key, tuple[Frame, ...]]]):
+        """Run the windows of a batch: ([(JSON result, ts_ns)], [latency ms]). The inputs
+        are converted in one go and each result is one string format, not a dict."""
+        if not windows:
+            return [], []
         np = self.rule.np
-        x = self.rule.assemble([p for _s, _t, p in frames])
-        started = time.perf_counter_ns()
-        y = self.backend.run(x)
-        latency_ms = (time.perf_counter_ns() - started) / 1e6
-        scores = np.asarray(y, dtype=np.float64).reshape(-1)
-        label = int(np.argmax(scores))
-        result = {
-            "identity": ident,
-            "channel": channel,
-            "first": [ident, frames[0][0]],
-            "last": [ident, frames[-1][0]],
-            "scores": [float(s) for s in np.asarray(y).reshape(-1)],
-            "label": label,
-            "latency_ms": round(latency_ms, 4),
-            "backend": self.backend.name,
-        }
-        if label < len(self.labels):
-            result["label_name"] = self.labels[label]
-        return json.dumps(result, separators=(",", ":")).encode(), latency_ms
+        inputs = self.rule.assemble_many([[p for _s, _t, p in frames] for _k, frames in windows])
+        run, clock = self.backend.run, time.perf_counter_ns
+        outputs, latencies = [], []
+        for x in inputs:
+            started = clock()
+            outputs.append(run(x))
+            latencies.append((clock() - started) / 1e6)
+        scores = np.asarray(outputs, dtype=np.float64).reshape(len(windows), -1)
+        labels = scores.argmax(axis=1).tolist()
+        backend = json.dumps(self.backend.name)
+        names = [json.dumps(n) for n in self.labels]
+        results = []
+        for (key, frames), row, label, latency in zip(
+            windows, scores.tolist(), labels, latencies, strict=True
+        ):
+            ident = json.dumps(key[0])
+            named = f',"label_name":{names[label]}' if label < len(names) else ""
+            text = (
+                f'{{"identity":{ident},"channel":{key[1]},"first":[{ident},{frames[0][0]}],'
+                f'"last":[{ident},{frames[-1][0]}],"scores":[{",".join(map(repr, row))}],'
+                f'"label":{label},"latency_ms":{round(latency, 4)!r},"backend":{backend}{named}}}'
+            )
+            results.append((text.encode(), frames[-1][1]))
+        return results, latencies
 
     def _skip(self, key: Key, rec: Record) -> None:
         count = self.skipped.get(key, 0) + 1

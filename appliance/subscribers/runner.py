@@ -121,17 +121,22 @@ def check_subscribers(config: Config) -> None:
 
 class Publisher:
     """Derived frames (inference results) go back into the store through the daemon,
-    as identity subscriber/NAME over MIP: durable once `flush` returned."""
+    as identity subscriber/NAME over MIP: gathered, sent together by `flush` (one write,
+    one wait for the ACK), durable once it returned."""
 
     def __init__(self, name: str) -> None:
         address = parse_address(os.environ[ENV_CONNECT])
         self.client = Client(address.host, address.port, identity_name(name), os.environ[ENV_TOKEN])
         self.client.connect()
+        self.gathered: list[tuple[int, bytes, int]] = []  # at most one batch's results
 
     def publish(self, channel: int, payload: bytes, ts_ns: int) -> None:
-        self.client.send(channel, payload, ts_ns)
+        self.gathered.append((channel, payload, ts_ns))
 
     def flush(self) -> None:
+        if self.gathered:
+            frames, self.gathered = self.gathered, []  # the client keeps them until ACKed
+            self.client.send_many(frames)
         self.client.flush()
         if self.client.rejected:
             seq, code, message = self.client.rejected[0]
