@@ -183,6 +183,9 @@ def test_subscriber_processes_log_like_the_daemon(daemon_factory, tmp_path):
     )
     stream(d, 0, 10)
     wait_for(lambda: len(tapped(d)) >= 10, what="the tap")
+    state = d.data_dir / "subscribers" / "tap"
+    assert state.stat().st_mode & 0o777 == 0o700  # what a subscriber keeps is its own
+    assert (state / "records.jsonl").stat().st_mode & 0o777 == 0o600
     wait_for(lambda: d.log().count("subscriber bad: batch failed") >= 3, what="three failures")
     assert d.stop() == 0
     lines = [line for line in d.log().splitlines() if "subscriber=" in line]

@@ -777,7 +777,7 @@ class ArchiveSubscriber(Subscriber):
         not written, take in the seqs past the checkpoint, fsync (they count as written)."""
         live = LiveFile(path, rel, channel, hour, part)
         checkpoint = HEADER_SIZE if checkpoint is None else checkpoint
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         try:
             file_size = os.fstat(fd).st_size
             reason = check_header(_pread_all(fd, HEADER_SIZE, 0), channel, hour)
@@ -854,7 +854,8 @@ class ArchiveSubscriber(Subscriber):
 
     def _copy_aside(self, fd: int, path: Path, start: int, end: int, reason: str) -> None:
         aside = path.with_name(f"{path.name}.bad-{start}")
-        with open(aside, "wb") as out:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        with os.fdopen(os.open(aside, flags, 0o600), "wb") as out:
             pos = start
             while pos < end:
                 chunk = _pread_all(fd, min(READ_CHUNK, end - pos), pos)
@@ -927,7 +928,7 @@ class ArchiveSubscriber(Subscriber):
 
     def _fd(self, live: LiveFile) -> int:
         if live.fd is None:
-            live.fd = os.open(live.path, os.O_RDWR)
+            live.fd = os.open(live.path, os.O_RDWR | os.O_NOFOLLOW)
             self._open[live.path] = live
             self._evict()
         else:
@@ -1059,7 +1060,9 @@ class ArchiveSubscriber(Subscriber):
             self._retention()
 
     def _write_index(self, live: LiveFile) -> None:
-        fd = os.open(index_path(live.path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(
+            index_path(live.path), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600
+        )
         try:
             os.write(fd, b"".join(b.encode() for b in live.pending))
             os.fsync(fd)
@@ -1072,7 +1075,7 @@ class ArchiveSubscriber(Subscriber):
         sizes = {live.rel: live.size for live in self._live.values()}
         body = json.dumps({"version": 1, "highest": self.highest, "files": sizes}).encode()
         tmp = self.state_path.with_name(STATE_FILE + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             _pwrite_all(fd, b"%08x\n" % zlib.crc32(body) + body, 0)
             os.fsync(fd)
@@ -1144,7 +1147,7 @@ class ArchiveSubscriber(Subscriber):
 
     def _write_gz(self, src: int, tmp: Path, blocks: list[Block]) -> list[Block]:
         """The header as one gzip member, each block as one; returns the new index lines."""
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             member = gzip_member(_pread_all(src, HEADER_SIZE, 0), self.level)
             _pwrite_all(out, member, 0)
@@ -1230,7 +1233,7 @@ class ArchiveSubscriber(Subscriber):
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         _pwrite_all(fd, data, 0)
         os.fsync(fd)

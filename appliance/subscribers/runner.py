@@ -350,6 +350,7 @@ class Runner:
 
 def cmd_subscriber(args, config: Config) -> int:
     name = args.name
+    os.umask(0o077)  # whatever a subscriber creates (SQLite files too) is its own: 0600
     logs.setup(config, child={"subscriber": name})
     directory = wal_dir(config.data_dir)
     stop = threading.Event()
