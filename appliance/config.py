@@ -258,6 +258,7 @@ SUBSCRIBER_KEYS: dict[str, Spec] = {
     "identities": (list[str], [], None),
     "batch": (int, 10000, 1),  # records per read of the log at most
     "poll": (float, 0.05, 0.001),  # seconds between reads when caught up
+    "nice": (int, 10, 0),  # the process's nice value: ingestion gets the CPU first
 }
 
 
@@ -276,6 +277,8 @@ def _subscribers(tables: Any, where: str) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"{where}: {key}.type is required (archive, index, ...)")
         if not all(0 <= c <= 0xFFFF for c in checked["channels"]):
             raise ConfigError(f"{where}: {key}.channels must be channels 0..65535")
+        if checked["nice"] > 19:
+            raise ConfigError(f"{where}: {key}.nice must be 0..19, got {checked['nice']}")
         out[name] = {**table, **checked}
     return out
 

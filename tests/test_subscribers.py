@@ -42,6 +42,8 @@ def test_a_subscriber_gets_every_frame_and_survives_kill_9(daemon_factory):
     stream(d, 200, 20, channel=2)  # filtered out
     wait_for(lambda: len(tapped(d)) >= 200, what="the tap to catch up")
     pid = wait_for(lambda: subscriber_pid(d, "tap"), what="the subscriber process")
+    nice = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    assert nice == 10  # below the daemon's 0: ingestion gets the CPU first
     os.kill(pid, signal.SIGKILL)
     stream(d, 1000, 300)
     wait_for(lambda: subscriber_pid(d, "tap") not in (0, pid), timeout=10, what="a restart")

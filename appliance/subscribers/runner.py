@@ -351,6 +351,9 @@ class Runner:
 def cmd_subscriber(args, config: Config) -> int:
     name = args.name
     os.umask(0o077)  # whatever a subscriber creates (SQLite files too) is its own: 0600
+    # below the daemon: when the CPU is short, ingestion goes first and subscribers fall
+    # behind (the log keeps what they have not read) instead of slowing the cores' ACKs
+    os.nice(config.subscribers[name]["nice"] if name in config.subscribers else 0)
     logs.setup(config, child={"subscriber": name})
     directory = wal_dir(config.data_dir)
     stop = threading.Event()
