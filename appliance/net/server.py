@@ -33,7 +33,7 @@ from appliance.auth.handshake import authenticate
 from appliance.auth.registry import Registry, RegistryError
 from appliance.config import Config
 from appliance.net import sockets
-from appliance.net.connection import LINGER, Connection, Pause, Phase
+from appliance.net.connection import LINGER, READING, Connection, Pause, Phase
 from appliance.protocol import crypto
 from appliance.protocol.frames import ErrorCode, encode_ack
 from appliance.protocol.session import BYE, CLOSED, DATA, HELLO, ServerSession
@@ -48,7 +48,7 @@ EPOLLOUT = select.EPOLLOUT
 EPOLL_FAIL = select.EPOLLERR | select.EPOLLHUP
 TICK = 0.25  # registry changes, extension hooks and accept retries are looked at this often
 STOP_GRACE = 1.5  # on SIGTERM: time allowed to commit and ACK before closing anyway
-MAX_EVENTS = 1024
+MAX_EVENTS = 64  # per poll: commits and ACKs interleave with reads, even in a burst
 AUTH_LOG_EVERY = 1.0  # failed handshakes are logged at most once a second, with a count
 LOG_IDENT_MAX = 64  # identities in log lines are cut to this many characters
 
@@ -189,7 +189,13 @@ class Server:
             if self.stopping:
                 if stop_deadline is None:  # the signal came in during this iteration
                     stop_deadline = self._begin_stop()
-                if (store.pending_bytes() == 0 and not self.commit_waiting) or self.exit_code:
+                # a failing disk will not take the rest: what it did not make durable
+                # stays unacknowledged, and the stop does not wait for it
+                if (
+                    (store.pending_bytes() == 0 and not self.commit_waiting)
+                    or store.commit_error is not None
+                    or self.exit_code
+                ):
                     self._finish_stop()
                     return self.exit_code
                 if now > stop_deadline:
@@ -291,8 +297,21 @@ class Server:
                 durable[ident] = seq
                 conn = by_identity.get(ident)
                 # not before WELCOME (it carries last_seq), not after ERROR or BYE
-                if conn is not None and conn.phase is Phase.OPEN:
-                    self._send(conn, encode_ack(seq))
+                if conn is None or conn.phase is not Phase.OPEN:
+                    continue
+                ack = encode_ack(seq)
+                if conn.out or conn.tls:
+                    self._send(conn, ack)
+                    continue
+                try:  # the common case: straight to the socket
+                    sent = conn.sock.send(ack)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    self._close(conn)
+                    continue
+                if sent < len(ack):
+                    self._send(conn, ack[sent:])
         if self.commit_waiting:
             for conn in list(self.commit_waiting):
                 if self._committed(conn.identity):
@@ -457,7 +476,7 @@ class Server:
         if phase is Phase.TLS:
             self._tls_handshake(conn)
             return
-        if not conn.reading():
+        if conn.pauses or phase not in READING:
             if mask & EPOLL_FAIL:
                 self._close(conn)  # hung up while we were not reading
             return
@@ -470,7 +489,9 @@ class Server:
             self._pause(conn, Pause.STORE)  # the store is behind: leave the bytes in the kernel
             return
         try:
-            data = conn.recv(self.recv_bytes)
+            data = conn.recv(self.recv_bytes) if conn.tls else conn.sock.recv(self.recv_bytes)
+        except BlockingIOError:
+            return
         except OSError:
             self._close(conn)
             return
