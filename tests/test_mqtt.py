@@ -177,23 +177,39 @@ def test_frames_arrive_with_their_topics_and_payloads(daemon_factory, broker_fac
                payload="json", channels=[1])
         + uplink("raw", f"mqtt://127.0.0.1:{broker.port}", topic="r/{id}/{channel}",
                  channels=[2])
+        + uplink("lines", f"mqtt://127.0.0.1:{broker.port}", topic="l/{core}",
+                 payload="jsonl", max_frames=7)
     )  # fmt: skip
     stream(d, 300, channel=1)
     stream(d, 40, channel=2, start=1000)
-    wanted = len(dumped(d))
-    wait_for(lambda: len(collector.got()) >= wanted, what="every frame at the broker")
+    everything = dumped(d)
+
+    def lines() -> list[dict]:
+        return [
+            json.loads(x) for t, p in collector.got() if t == "l/core-0" for x in p.splitlines()
+        ]
+
+    wait_for(lambda: len(lines()) >= len(everything), what="every frame in the jsonl messages")
+
+    def count(prefix: str) -> int:
+        return sum(t.startswith(prefix) for t, _ in collector.got())
+
+    wait_for(lambda: (count("t/"), count("r/")) == (300, 40), what="every frame at the broker")
     got = collector.got()
     json_msgs = [json.loads(p) for t, p in got if t == "t/dev/core-0/1"]
     raw_msgs = [p for t, p in got if t == "r/dev/core-0/2"]
-    assert len(json_msgs) + len(raw_msgs) == len(got)  # no other topic
+    batched = [p for t, p in got if t == "l/core-0"]
+    assert len(json_msgs) + len(raw_msgs) + len(batched) == len(got)  # no other topic
+    assert lines() == everything  # every frame once, in log order, 7 at most per message
+    assert len(batched) >= len(everything) / 7 and all(p.count(b"\n") <= 7 for p in batched)
     assert json_msgs == dumped(d, 1)  # the keys of dump, in log order, once each
     assert raw_msgs == [b"frame %06d" % (1000 + i) for i in range(40)]
 
     def confirmed(s: dict) -> tuple:
-        return s["up"].get("confirmed"), s["raw"].get("confirmed")
+        return s["up"].get("confirmed"), s["raw"].get("confirmed"), s["lines"].get("confirmed")
 
     status = wait_for(
-        lambda: confirmed(s := stats_json(d.data_dir)["subscribers"]) == (300, 40) and s,
+        lambda: confirmed(s := stats_json(d.data_dir)["subscribers"]) == (300, 40, 340) and s,
         what="the status lines",
     )
     assert status["up"]["in_flight"] == status["raw"]["in_flight"] == 0
