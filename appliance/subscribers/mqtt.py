@@ -46,9 +46,10 @@ One paho-mqtt client, driven from this process's one thread (no paho thread):
 the runner calls after every batch and about once a second while idle, reads
 what came back and keeps the connection alive.
 
-Other options: max_frames (100, with jsonl), max_inflight (1000 messages), keepalive (60 s), timeout (10 s to connect),
-retry_base (0.5 s), retry_max (60 s), allow_insecure (mqtt:// is refused without
-it: the frames and the password would cross the network in clear).
+Other options: max_frames (100, with jsonl), max_inflight (1000 messages),
+keepalive (60 s), timeout (10 s to connect), retry_base (0.5 s), retry_max
+(60 s), allow_insecure (mqtt:// is refused without it: the frames and the
+password would cross the network in clear).
 Needs the `mqtt` extra: pip install 'module-ingest[mqtt]'.
 """
 
