@@ -267,7 +267,7 @@ class Runner:
                     records, moved = self.reader.read(self.batch)
                 except (OSError, ValueError) as exc:
                     # e.g. a segment the daemon is creating this moment (still empty)
-                    self.cursor.position = self.cursor.committed or start
+                    self.cursor.position = start
                     log.warning("subscriber %s: reading the log: %s", self.sub.name, exc)
                     self.stop.wait(self.poll)
                     continue
