@@ -64,6 +64,9 @@ class Pause(Enum):
     STOPPING = "stopping"  # the daemon stops: nothing new is read
 
 
+NO_PAUSES: frozenset[Pause] = frozenset()
+
+
 class Connection:
     __slots__ = (
         "active",
@@ -102,7 +105,7 @@ class Connection:
         self.serial = serial  # unique per connection: timers name it with its fd
         self.session = session
         self.phase = phase
-        self.pauses: set[Pause] = set()
+        self.pauses: frozenset[Pause] = NO_PAUSES  # replaced, not changed: most stay empty
         self.out = bytearray()  # queued output the socket did not take yet
         self.events = 0  # epoll interest currently registered (0: none)
         self.deadline = deadline  # the current phase's deadline (monotonic)

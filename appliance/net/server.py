@@ -33,6 +33,7 @@ from appliance.auth.handshake import authenticate
 from appliance.auth.registry import Registry, RegistryError
 from appliance.config import Config
 from appliance.net import sockets
+from appliance.net.admission import Admission
 from appliance.net.connection import LINGER, READING, Connection, Pause, Phase
 from appliance.protocol import crypto
 from appliance.protocol.frames import ErrorCode, encode_ack
@@ -40,6 +41,7 @@ from appliance.protocol.session import BYE, CLOSED, DATA, HELLO, ServerSession
 from appliance.store.ring import RESERVE as RING_RESERVE
 from appliance.store.segment import encode_frame_record
 from appliance.store.wal import Store, StoreError
+from appliance.telemetry.throttle import Throttled
 
 log = logging.getLogger("appliance.net")
 
@@ -48,8 +50,11 @@ EPOLLOUT = select.EPOLLOUT
 EPOLL_FAIL = select.EPOLLERR | select.EPOLLHUP
 TICK = 0.25  # registry changes, extension hooks and accept retries are looked at this often
 STOP_GRACE = 1.5  # on SIGTERM: time allowed to commit and ACK before closing anyway
-MAX_EVENTS = 64  # per poll: commits and ACKs interleave with reads, even in a burst
-AUTH_LOG_EVERY = 1.0  # failed handshakes are logged at most once a second, with a count
+MAX_EVENTS = 64  # connections per poll: a burst of reads is cut into short iterations
+ACCEPT_BATCH = 256  # connections accepted per iteration at most
+# failed handshakes and connections closed before they authenticated: a peer decides how
+# many there are, so they are logged at most once a second, with a count
+UNPROVEN_LOG_EVERY = 1.0
 LOG_IDENT_MAX = 64  # identities in log lines are cut to this many characters
 
 _LISTENER = object()  # epoll registry tags for what is not a connection
@@ -76,11 +81,18 @@ class Server:
         self.recv_bytes = srv["recv_bytes"]
         self.send_limit = srv["send_buffer_limit"]
         self.max_connections = srv["max_connections"]
+        self.admission = Admission(srv["max_handshakes"], srv["max_handshakes_per_source"])
         # pending ring bytes beyond which the loop stops reading (the ring's share of
         # Store.space; a batch larger than commit_max_bytes stops reading earlier)
         self.pause_bytes = store.ring_bytes - RING_RESERVE - self.recv_bytes
         self.tofu = config.auth["trust_on_first_use"]
+        # Two levels: the loop waits on `epoll` (every connection, and `control`); the
+        # fds on `control` (the store's writer, listeners, the wake-up pipe, the stats
+        # socket and console) are served first in every iteration, so ACKs, accepts and
+        # diagnostics never queue behind thousands of busy sockets.
         self.epoll = select.epoll()
+        self.control = select.epoll()
+        self.epoll.register(self.control.fileno(), EPOLLIN)
         self.conns: dict[int, Connection] = {}
         self.by_identity: dict[str, Connection] = {}
         self.accepted: dict[str, int] = dict(store.last_seq)  # replay window: highest stored seq
@@ -104,8 +116,8 @@ class Server:
         self._timers: list[tuple[float, int, int]] = []  # (deadline, serial, fd)
         self._serial = 0
         self._accepting = False
-        self._auth_failures = 0
-        self._auth_logged_at = 0.0
+        self._signals = False
+        self._log_unproven = Throttled(log, UNPROVEN_LOG_EVERY)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- set-up ---------------------------------------------------------------
@@ -124,11 +136,11 @@ class Server:
         return [lsock.getsockname()[:2] for lsock, _ in self.listeners]
 
     def _register(self, fd: int, mask: int, tag: object) -> None:
-        self.epoll.register(fd, mask)
+        self.control.register(fd, mask)
         self._tags[fd] = tag
 
     def _unregister(self, fd: int) -> None:
-        self.epoll.unregister(fd)
+        self.control.unregister(fd)
         del self._tags[fd]
 
     def _set_accepting(self, on: bool) -> None:
@@ -143,12 +155,21 @@ class Server:
 
     # -- the loop ---------------------------------------------------------------
 
-    def run(self) -> int:
-        """Serve until SIGTERM / SIGINT; the exit code."""
+    def handle_signals(self) -> None:
+        """From now on SIGTERM and SIGINT stop the loop gracefully (call before saying
+        that the daemon listens: a stop request may come right after)."""
+        if self._signals:
+            return
+        self._signals = True
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+
+    def run(self) -> int:
+        """Serve until SIGTERM / SIGINT; the exit code."""
+        self.handle_signals()
         poll = self.epoll.poll
+        poll_control = self.control.poll
         conns = self.conns
         tags = self._tags
         store = self.store
@@ -165,11 +186,12 @@ class Server:
                 timeout = due - self.now
             events = poll(max(timeout, 0.0), MAX_EVENTS)
             self.now = now = monotonic()
+            for fd, mask in poll_control(0):
+                self._on_control(tags.get(fd), mask)
             for fd, mask in events:
                 conn = conns.get(fd)
                 if conn is None:
-                    self._on_other(tags.get(fd), mask)
-                    continue
+                    continue  # the control epoll, or a connection closed meanwhile
                 try:
                     if mask & EPOLLOUT:
                         self._on_writable(conn)
@@ -209,7 +231,7 @@ class Server:
     def _on_signal(self, signum, frame) -> None:
         self.stopping = True
 
-    def _on_other(self, tag: object, mask: int) -> None:
+    def _on_control(self, tag: object, mask: int) -> None:
         if tag is _STORE:
             self._on_store()
         elif tag is _WAKE:
@@ -273,6 +295,7 @@ class Server:
                 conn.write(b"")
             self._close(conn)
         self.store.close()
+        self.control.close()
         self.epoll.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -343,10 +366,15 @@ class Server:
     # -- accept -----------------------------------------------------------------
 
     def _accept(self, lsock: socket.socket, ctx: ssl.SSLContext | None) -> None:
-        for _ in range(64):  # bounded, so a connect storm cannot starve established cores
+        # bounded, so that a connect storm cannot starve established cores, yet large: a
+        # herd of reconnecting cores (after a restart) must not overflow the listen queue
+        for _ in range(ACCEPT_BATCH):
             if len(self.conns) >= self.max_connections:
-                self._set_accepting(False)
-                return
+                oldest = self.admission.oldest()
+                if oldest is None:
+                    self._set_accepting(False)
+                    return
+                self._evict(oldest)  # an unproven connection makes room for a new one
             try:
                 sock, addr = lsock.accept()
             except BlockingIOError:
@@ -381,6 +409,8 @@ class Server:
             )
             self.conns[conn.fd] = conn
             self.counters["connections"] += 1
+            for old in self.admission.admit(conn):
+                self._evict(old)
             self._arm(conn)
             if conn.phase is Phase.TLS:
                 self._tls_handshake(conn)
@@ -449,12 +479,12 @@ class Server:
             self._send(conn, out)
 
     def _pause(self, conn: Connection, reason: Pause) -> None:
-        conn.pauses.add(reason)
+        conn.pauses |= {reason}
         self.paused[conn] = None
         self._update(conn)
 
     def _resume(self, conn: Connection, reason: Pause) -> None:
-        conn.pauses.discard(reason)
+        conn.pauses -= {reason}
         if not conn.pauses:
             self.paused.pop(conn, None)
         self._update(conn)
@@ -576,13 +606,28 @@ class Server:
         if replay:
             session.send_ack(self.durable.get(ident, 0))
 
+    def _evict(self, conn: Connection) -> None:
+        """Close a connection still in the handshake at once, to free its slot."""
+        self.admission.leave(conn)
+        self.counters["evicted"] += 1
+        conn.session.fail(ErrorCode.TIMEOUT, "too many connections in the handshake")
+        with contextlib.suppress(OSError):
+            conn.write(conn.session.data_to_send())
+        self._close(conn)
+
     def _on_hello(self, conn: Connection, hello: dict) -> None:
+        self.admission.leave(conn)  # proved or failed: it no longer holds a handshake slot
         self._reload_registry()  # an identity added or revoked a moment ago counts already
         identity = authenticate(
             self.registry, hello, conn.session.nonce, trust_on_first_use=self.tofu
         )
         if identity is None:
-            self._log_auth_failure(hello.get("id"), conn.addr)
+            self._log_unproven(
+                logging.INFO,
+                "auth: failed for %s from %s",
+                printable_ident(hello.get("id")),
+                conn.addr,
+            )
             self._fail(conn, ErrorCode.AUTH_FAILED, "authentication failed")
             return
         ident = identity.id
@@ -600,21 +645,6 @@ class Server:
             conn.deadline = float("inf")
             self.commit_waiting[conn] = None
             self._update(conn)
-
-    def _log_auth_failure(self, ident: object, addr) -> None:
-        """One line per AUTH_LOG_EVERY at most: a flood of bad HELLOs costs no log volume."""
-        self._auth_failures += 1
-        if self.now - self._auth_logged_at < AUTH_LOG_EVERY:
-            return
-        more = self._auth_failures - 1
-        log.info(
-            "auth: failed for %s from %s%s",
-            printable_ident(ident),
-            addr,
-            f" (and {more} more since the last line)" if more else "",
-        )
-        self._auth_failures = 0
-        self._auth_logged_at = self.now
 
     def _welcome(self, conn: Connection) -> None:
         identity = self.registry.get(conn.identity)
@@ -663,14 +693,19 @@ class Server:
     def _begin_close(self, conn: Connection, code: str) -> None:
         if conn.phase is Phase.CLOSED:
             return
+        self.admission.leave(conn)
         if conn.phase is not Phase.CLOSING:
             conn.move(Phase.CLOSING)
         self.commit_waiting.pop(conn, None)
         conn.deadline = self.now + LINGER
         self._arm(conn)
-        if code != ErrorCode.AUTH_FAILED:
+        if conn.identity is not None:
             log.info(
                 "conn %s (%s): closing with %s", conn.addr, printable_ident(conn.identity), code
+            )
+        elif code != ErrorCode.AUTH_FAILED:  # that one was logged with its id
+            self._log_unproven(
+                logging.INFO, "conn %s: closing with %s before authentication", conn.addr, code
             )
         if conn.phase is not Phase.CLOSED:
             self._update(conn)
@@ -680,6 +715,7 @@ class Server:
             return
         conn.move(Phase.CLOSED)
         del self.conns[conn.fd]
+        self.admission.leave(conn)
         if conn.events:
             self.epoll.unregister(conn.fd)
             conn.events = 0
