@@ -141,6 +141,7 @@ def test_a_bad_subscriber_table_stops_the_start_in_one_line(tmp_path, table, mes
     table and the key in one line, exit 2, for `serve --config F` and `--config F serve`."""
     config = tmp_path / "c.toml"
     config.write_text(f"[subscribers.s]\n{table}")
+    config.chmod(0o600)  # (one with secrets readable by others is also warned about)
     for args in (["serve", "--config", str(config)], ["--config", str(config), "serve"]):
         result = cli(*args, data_dir=tmp_path / "data")
         err = result.stderr.decode()
