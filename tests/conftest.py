@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +30,13 @@ def wait_for(condition, timeout: float = 10.0, what: str = "condition", interval
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def subscriber_pid(daemon: Daemon, name: str) -> int:
@@ -57,6 +65,13 @@ def cli(*args: str, data_dir: Path, stdin: bytes | None = None, config: Path | N
     return subprocess.run(
         [*cmd, *args], input=stdin, capture_output=True, env=env, timeout=60, check=False
     )
+
+
+def stats_json(data_dir: Path) -> dict:
+    """`module-ingest stats --format json` of the daemon on data_dir."""
+    result = cli("stats", "--format", "json", data_dir=data_dir)
+    assert result.returncode == 0, result.stderr.decode()
+    return json.loads(result.stdout)
 
 
 class Daemon:

@@ -71,6 +71,7 @@ class Connection:
     __slots__ = (
         "active",
         "addr",
+        "born",
         "deadline",
         "events",
         "fd",
@@ -94,6 +95,7 @@ class Connection:
         addr,
         session: ServerSession,
         serial: int,
+        born: float,
         deadline: float,
         phase: Phase,
     ) -> None:
@@ -103,6 +105,7 @@ class Connection:
         self.addr = addr
         self.source = addr[0] if isinstance(addr, tuple) else str(addr)
         self.serial = serial  # unique per connection: timers name it with its fd
+        self.born = born  # loop time of the accept
         self.session = session
         self.phase = phase
         self.pauses: frozenset[Pause] = NO_PAUSES  # replaced, not changed: most stay empty

@@ -52,6 +52,7 @@ TICK = 0.25  # registry changes, extension hooks and accept retries are looked a
 STOP_GRACE = 1.5  # on SIGTERM: time allowed to commit and ACK before closing anyway
 MAX_EVENTS = 64  # connections per poll: a burst of reads is cut into short iterations
 ACCEPT_BATCH = 256  # connections accepted per iteration at most
+MAKE_ROOM_TRIES = 8  # handshakes looked at per accept when the slots are full
 # failed handshakes and connections closed before they authenticated: a peer decides how
 # many there are, so they are logged at most once a second, with a count
 UNPROVEN_LOG_EVERY = 1.0
@@ -368,13 +369,8 @@ class Server:
     def _accept(self, lsock: socket.socket, ctx: ssl.SSLContext | None) -> None:
         # bounded, so that a connect storm cannot starve established cores, yet large: a
         # herd of reconnecting cores (after a restart) must not overflow the listen queue
+        admission = self.admission
         for _ in range(ACCEPT_BATCH):
-            if len(self.conns) >= self.max_connections:
-                oldest = self.admission.oldest()
-                if oldest is None:
-                    self._set_accepting(False)
-                    return
-                self._evict(oldest)  # an unproven connection makes room for a new one
             try:
                 sock, addr = lsock.accept()
             except BlockingIOError:
@@ -398,25 +394,60 @@ class Server:
                 idle_timeout=self.idle_timeout,
                 counters=self.counters,
             )
+            # room before the newcomer counts; without it, this one is let in (one over the
+            # limits at most) and the next ones wait in the listen queue for a moment
+            room = self._make_room()
             self._serial += 1
             conn = Connection(
                 sock,
                 addr,
                 session,
                 self._serial,
+                self.now,
                 self.now + self.handshake_timeout,
                 Phase.TLS if ctx is not None else Phase.HANDSHAKE,
             )
             self.conns[conn.fd] = conn
             self.counters["connections"] += 1
-            for old in self.admission.admit(conn):
-                self._evict(old)
+            crowded = admission.admit(conn)
+            if crowded is not None:
+                self._evict(crowded)
             self._arm(conn)
             if conn.phase is Phase.TLS:
                 self._tls_handshake(conn)
             else:
                 self._flush_session(conn)
                 self._update(conn)
+            if not room:
+                self._set_accepting(False)
+                return
+
+    def _make_room(self) -> bool:
+        """Whether one more connection may be accepted, after pushing out an unproven one
+        that had its grace if need be (admission.py). A handshake whose HELLO is waiting in
+        its socket is served instead of pushed out."""
+        admission = self.admission
+        for _ in range(MAKE_ROOM_TRIES):
+            if len(self.conns) < self.max_connections and not admission.full():
+                return True
+            victim = admission.evictable(self.now)
+            if victim is None:
+                return False
+            if sockets.pending_input(victim.sock):
+                self._on_readable(victim, EPOLLIN)
+                if victim.phase not in (Phase.TLS, Phase.HANDSHAKE):
+                    continue  # it was a HELLO (or garbage): its slot is free either way
+            self._evict(victim)
+        return False
+
+    def _resume_accepting(self) -> None:
+        """Accept again once there is room (or a handshake old enough to push out)."""
+        if self._accepting or self.stopping:
+            return
+        admission = self.admission
+        room = len(self.conns) < self.max_connections and not admission.full()
+        if room or admission.evictable(self.now) is not None:
+            self._set_accepting(True)
 
     def _tls_handshake(self, conn: Connection) -> None:
         try:
@@ -617,6 +648,7 @@ class Server:
 
     def _on_hello(self, conn: Connection, hello: dict) -> None:
         self.admission.leave(conn)  # proved or failed: it no longer holds a handshake slot
+        self._resume_accepting()
         self._reload_registry()  # an identity added or revoked a moment ago counts already
         identity = authenticate(
             self.registry, hello, conn.session.nonce, trust_on_first_use=self.tofu
@@ -724,8 +756,7 @@ class Server:
         if conn.identity is not None and self.by_identity.get(conn.identity) is conn:
             del self.by_identity[conn.identity]
         conn.sock.close()
-        if not self._accepting and not self.stopping:
-            self._set_accepting(True)
+        self._resume_accepting()
 
     # -- timers -------------------------------------------------------------------
 
@@ -767,8 +798,7 @@ class Server:
         self._reload_registry()
         self._resume_store_paused()  # also after BUSY, when no commit wakes the loop
         self._run_hooks(self.sweep_hooks, now)
-        if not self._accepting and not self.stopping and len(self.conns) < self.max_connections:
-            self._set_accepting(True)
+        self._resume_accepting()
 
     def _reload_registry(self) -> None:
         """Pick up identity changes (one stat when nothing changed); close revoked ones."""
