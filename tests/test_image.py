@@ -199,9 +199,12 @@ def test_deb(image, tmp_path):
     assert (units / "module-ingest.service").read_bytes() == UNIT.read_bytes()
     assert (units / "module-ingest-provision.service").read_bytes() == PROVISION_UNIT.read_bytes()
     assert (data / "etc/module-ingest/config.toml").read_bytes() == CONFIG.read_bytes()
-    assert (data / "usr/share/module-ingest/models/tiny.tflite").read_bytes() == (
+    # the example model, also where a relative `model = "models/..."` in the config looks
+    models = "/usr/share/module-ingest/models"
+    assert (data / models.lstrip("/") / "tiny.tflite").read_bytes() == (
         ROOT / "models/tiny.tflite"
     ).read_bytes()
+    assert os.readlink(data / "etc/module-ingest/models") == models
     # psutil's extension is stripped (dh_strip): no symbol table left
     (extension,) = (data / "usr/lib/module-ingest/psutil").glob("_psutil_linux*.so")
     assert ".symtab" not in run("readelf", "--section-headers", extension).stdout
