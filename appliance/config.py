@@ -338,10 +338,14 @@ def warn_if_secrets_exposed(path: str | os.PathLike, subscribers: dict[str, dict
     if not names:
         return
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+        info = os.stat(path)
     except OSError:
         return  # it was just read; a file that vanished since is not this check's business
-    if mode & 0o044:
+    mode = stat.S_IMODE(info.st_mode)
+    # group-readable is fine when the group is the daemon's own (the image installs the
+    # config 0640 root:module-ingest): nobody but the service can read it then
+    exposed = mode & 0o004 or (mode & 0o040 and info.st_gid != os.getegid())
+    if exposed:
         logging.getLogger("appliance.config").warning(
             "config %s holds secrets (%s) and is readable by %s (mode %04o): make it 0600, "
             "owned by the user the daemon runs as, or move them to the environment",
