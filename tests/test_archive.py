@@ -1,4 +1,4 @@
-"""subscribers/archive.py and `module-ingest export`: the archive on real files (records
+"""subscribers/archive/ and `module-ingest export`: the archive on real files (records
 built directly, crashes by SIGKILL of a child process), then end to end through the daemon
 (frames over TCP, a kill -9 of the subscriber process, export shows each frame once)."""
 
@@ -15,27 +15,29 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli, subscriber_pid, wait_for
+from conftest import ROOT, cli, stats_json, subscriber_pid, wait_for
 
 from appliance import cli as appliance_cli  # first: it imports app before store.tools
 from appliance.client import Client
 from appliance.config import load as load_config
+from appliance.durable import read_checked_json
 from appliance.store.segment import Record
-from appliance.subscribers import export_cli
-from appliance.subscribers.archive import (
+from appliance.subscribers import export_cli, runner
+from appliance.subscribers.archive.format import (
     HEADER_SIZE,
     HOUR_NS,
     INDEX_SIZE,
     STATE_FILE,
-    ArchiveSubscriber,
     archive_root,
     encode_entry,
-    read_archive,
     read_index,
 )
+from appliance.subscribers.archive.reader import read_archive
+from appliance.subscribers.archive.subscriber import ArchiveSubscriber
 from appliance.subscribers.base import Context
 from appliance.subscribers.timeargs import parse_time
 
@@ -97,32 +99,9 @@ def run_export(capsys, data_dir: Path, *argv) -> tuple[int, bytes | str, str]:
     return code, out.out, out.err
 
 
-# `module-ingest ARGS` through cli.main, with `export` added if cli.py does not have it yet
-CLI_SCRIPT = """
-import argparse, sys
-from appliance import cli
-from appliance.subscribers import export_cli
-build = cli.build_parser
-def build_parser():
-    parser = build()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "export" not in sub.choices:
-        export_cli.add_parser(sub)
-    return parser
-cli.build_parser = build_parser
-sys.exit(cli.main(sys.argv[1:]))
-"""
-
-
 def export_cli_run(data_dir: Path, *argv: str, config: Path | None = None):
-    env = dict(os.environ, MODULE_INGEST_DATA_DIR=str(data_dir), PYTHONPATH=str(ROOT))
-    env.pop("MODULE_INGEST_CONFIG", None)
-    cmd = [sys.executable, "-c", CLI_SCRIPT]
-    if config is not None:
-        cmd += ["--config", str(config)]
-    return subprocess.run(
-        [*cmd, "export", *argv], capture_output=True, env=env, timeout=60, check=False
-    )
+    """`module-ingest export ARGV` in a process of its own."""
+    return cli("export", *argv, data_dir=data_dir, config=config)
 
 
 # -- writing and reading ---------------------------------------------------------------
@@ -186,7 +165,7 @@ KILL_SCRIPT = """
 import json, os, signal, sys
 from pathlib import Path
 from appliance.store.segment import Record
-from appliance.subscribers.archive import ArchiveSubscriber
+from appliance.subscribers.archive.subscriber import ArchiveSubscriber
 from appliance.subscribers.base import Context
 spec = json.load(sys.stdin)
 data = Path(spec["data_dir"])
@@ -272,6 +251,34 @@ def test_a_damaged_state_file_is_set_aside_and_rebuilt_from_the_files(tmp_path, 
     sub.handle(recs(1, 22))
     sub.flush()
     assert keys(stored(tmp_path)) == [(DEV, s) for s in range(1, 23)]
+
+
+def test_a_state_file_in_the_old_layout_is_read_and_replaced(tmp_path, caplog):
+    sub = archive(tmp_path)
+    sub.handle(recs(1, 10))
+    sub.flush()
+    sub.close()
+    state = tmp_path / "subscribers" / "arch" / STATE_FILE
+    saved = read_checked_json(state)  # JSON, then its CRC (appliance/durable.py)
+    assert saved["highest"] == {DEV: 10} and saved["files"] == {
+        "ch-00001/2026-11-27T14.log": (root(tmp_path) / "ch-00001/2026-11-27T14.log").stat().st_size
+    }
+    # as archives made before durable.py have it: the CRC line first, then the JSON
+    body = json.dumps(saved).encode()
+    state.write_bytes(b"%08x\n" % zlib.crc32(body) + body)
+    sub = archive(tmp_path)
+    assert "archive.state" not in caplog.text  # neither damaged nor missing
+    assert not state.with_name(STATE_FILE + ".bad").exists()
+    assert sub.highest == {DEV: 10}
+    sub.handle(recs(5, 10))  # half again, half new
+    sub.flush()
+    assert (sub.written, sub.skipped) == (4, 6)
+    assert read_checked_json(state)["highest"] == {DEV: 14}  # in the new layout now
+
+
+def test_the_archive_type_keeps_its_old_import_path():
+    old = runner.load_class("appliance.subscribers.archive:ArchiveSubscriber")
+    assert old is runner.load_class("archive") is ArchiveSubscriber
 
 
 def test_a_failed_handle_reloads_and_the_retry_writes_each_frame_once(tmp_path):
@@ -664,6 +671,12 @@ def test_end_to_end_through_the_daemon_with_a_kill_9(daemon_factory):
         send(300)
         client.flush()
         wait_for(caught_up, what="the archive to catch up after the restart")
+        # the archive's own counters reach `stats` through its process's status line
+        status = wait_for(
+            lambda: (s := stats_json(d.data_dir)["subscribers"]["arch"]).get("written") and s,
+            what="the archive's counters in stats",
+        )
+        assert {"skipped_as_archived", "compressed_files", "deleted_files"} <= set(status)
     assert "exited with -9; restarting" in d.log()
     for channel in (1, 2):
         got = exported(d, channel)  # through the CLI

@@ -1,4 +1,4 @@
-"""`module-ingest export`: frames read back from a disk archive (subscribers/archive.py).
+"""`module-ingest export`: frames read back from a disk archive (subscribers/archive/).
 
 export --channel N [--from T] [--to T] [--identity ID] [--format jsonl|raw] [--archive NAME]
 
@@ -35,10 +35,15 @@ import sys
 from pathlib import Path
 
 from appliance.store.tools import ToolError, record_json
-from appliance.subscribers.archive import ARCHIVE_DIR, STATE_FILE, read_archive
+from appliance.subscribers.archive.format import ARCHIVE_DIR, STATE_FILE
+from appliance.subscribers.archive.reader import read_archive
 from appliance.subscribers.timeargs import channel_arg, time_arg
 
-ARCHIVE_TYPES = ("archive", "appliance.subscribers.archive:ArchiveSubscriber")
+ARCHIVE_TYPES = (  # the ways a [subscribers.NAME] table can name the archive
+    "archive",
+    "appliance.subscribers.archive:ArchiveSubscriber",
+    "appliance.subscribers.archive.subscriber:ArchiveSubscriber",
+)
 EXIT_DAMAGED = 1
 
 

@@ -47,7 +47,7 @@ from appliance.telemetry import logs
 log = logging.getLogger("appliance.subscribers")
 
 BUILTIN = {
-    "archive": "appliance.subscribers.archive:ArchiveSubscriber",
+    "archive": "appliance.subscribers.archive.subscriber:ArchiveSubscriber",
     "index": "appliance.subscribers.index:IndexSubscriber",
     "inference": "appliance.subscribers.inference:InferenceSubscriber",
     "cloud": "appliance.subscribers.cloud:CloudSubscriber",
