@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A simulated FPGA accelerator on a real pty, speaking appliance/subscribers/FPGA.md.
+"""A simulated FPGA accelerator on a real pty, speaking appliance/subscribers/inference/FPGA.md.
 
     with FpgaSimulator(params) as sim:      # params: scripts/make-model's weights()
         backend = FpgaBackend(sim.device)   # the pty's slave side, e.g. /dev/pts/7

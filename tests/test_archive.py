@@ -26,7 +26,7 @@ from appliance.client import Client
 from appliance.config import load as load_config
 from appliance.durable import read_checked_json
 from appliance.store.segment import Record
-from appliance.subscribers import export_cli, runner
+from appliance.subscribers import export_cli
 from appliance.subscribers.archive.format import (
     HEADER_SIZE,
     HOUR_NS,
@@ -274,11 +274,6 @@ def test_a_state_file_in_the_old_layout_is_read_and_replaced(tmp_path, caplog):
     sub.flush()
     assert (sub.written, sub.skipped) == (4, 6)
     assert read_checked_json(state)["highest"] == {DEV: 14}  # in the new layout now
-
-
-def test_the_archive_type_keeps_its_old_import_path():
-    old = runner.load_class("appliance.subscribers.archive:ArchiveSubscriber")
-    assert old is runner.load_class("archive") is ArchiveSubscriber
 
 
 def test_a_failed_handle_reloads_and_the_retry_writes_each_frame_once(tmp_path):

@@ -20,22 +20,21 @@ from conftest import ROOT, cli, stats_json, subscriber_pid, wait_for
 from fpga_sim import FpgaSimulator, load_make_model
 
 from appliance.client import Client
+from appliance.durable import read_checked_json
 from appliance.store.segment import Record
 from appliance.subscribers.base import Context
-from appliance.subscribers.fpga import (
+from appliance.subscribers.inference.backend import InferenceError
+from appliance.subscribers.inference.decode import DecodeRule
+from appliance.subscribers.inference.fpga import (
     RESPONSE,
     FpgaBackend,
     FpgaError,
     FrameReader,
     encode_frame,
 )
-from appliance.subscribers.inference import (
-    STATE_FILE,
-    DecodeRule,
-    InferenceError,
-    InferenceSubscriber,
-)
-from appliance.subscribers.tflite_backend import TFLiteBackend
+from appliance.subscribers.inference.subscriber import InferenceSubscriber
+from appliance.subscribers.inference.tflite import TFLiteBackend
+from appliance.subscribers.inference.windows import STATE_FILE
 
 MODEL = ROOT / "models" / "tiny.tflite"
 MM = load_make_model()
@@ -92,7 +91,7 @@ def test_a_missing_runtime_is_one_clear_line(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text("raise ImportError('not installed')\n")
     code = (
-        "from appliance.subscribers.tflite_backend import TFLiteBackend\n"
+        "from appliance.subscribers.inference.tflite import TFLiteBackend\n"
         f"TFLiteBackend({str(MODEL)!r})\n"
     )
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}:{ROOT}")
@@ -112,7 +111,7 @@ def test_decode_rule_float32_window_in_frame_order():
     rule = DecodeRule("float32", [4], 4, (1, 16), np.float32)
     assert rule.frame_bytes == 16
     frames = [np.arange(4 * i, 4 * i + 4, dtype="<f4").tobytes() for i in range(4)]
-    x = rule.assemble(frames)
+    x = rule.assemble_many([frames])[0]
     assert x.shape == (1, 16) and x.dtype == np.float32
     assert x.tolist() == [list(range(16))]
 
@@ -122,12 +121,12 @@ def test_decode_rule_int16_scaled_and_big_endian():
     assert rule.frame_bytes == 8
     raw = np.arange(-8, 8, dtype=np.int16)
     frames = [raw[i * 4 : i * 4 + 4].astype("<i2").tobytes() for i in range(4)]
-    assert rule.assemble(frames).reshape(-1).tolist() == (raw * 0.5 - 1.0).tolist()
+    assert rule.assemble_many([frames])[0].reshape(-1).tolist() == (raw * 0.5 - 1.0).tolist()
     big = DecodeRule(">f4", None, 2, (1, 16), np.float32)
     assert big.shape == (8,) and big.frame_bytes == 32
     vals = np.linspace(-1, 1, 16).astype(np.float32)
     frames = [vals[:8].astype(">f4").tobytes(), vals[8:].astype(">f4").tobytes()]
-    assert big.assemble(frames).reshape(-1).tolist() == vals.tolist()
+    assert big.assemble_many([frames])[0].reshape(-1).tolist() == vals.tolist()
 
 
 @pytest.mark.parametrize(
@@ -286,7 +285,7 @@ def test_the_state_file_is_written_only_when_a_restart_needs_it(tmp_path):
     assert state.read_bytes() != saved[1]
     sub.handle(log.frames(4))
     sub.flush()  # base and state both empty, the file is not: written
-    assert json.loads(state.read_text())["state"]["pending"] == []
+    assert read_checked_json(state)["state"]["pending"] == []
     saved = state.read_bytes()
     sub.handle(log.frames(4))
     sub.flush()
@@ -363,7 +362,21 @@ def test_a_damaged_state_file_is_set_aside(tmp_path, caplog):
     sub.handle(log.frames(6))
     sub.flush()
     assert firsts(published) == [("dev/core-0", 1)]
-    assert len(json.loads(state.read_text())["state"]["pending"][0]["frames"]) == 2
+    assert len(read_checked_json(state)["state"]["pending"][0]["frames"]) == 2
+
+
+def test_a_state_file_from_before_the_crc_line_is_read(tmp_path, caplog):
+    log = Log()
+    sub, _ = make_sub(tmp_path)
+    sub.handle(log.frames(6))
+    sub.flush()
+    state = tmp_path / "subscribers" / "ai" / STATE_FILE
+    state.write_text(json.dumps(read_checked_json(state)))  # one line of JSON, as it was
+    with caplog.at_level(logging.WARNING, logger="appliance.subscribers.inference"):
+        again, published = make_sub(tmp_path)
+    assert "set aside" not in caplog.text and not state.with_suffix(".bad").exists()
+    again.handle(log.frames(2))
+    assert firsts(published) == [("dev/core-0", 5)]  # frames 5, 6 from the old file
 
 
 def test_a_model_that_does_not_load_is_one_line(tmp_path):
@@ -383,7 +396,7 @@ def hexbytes(text: str) -> bytes:
 
 
 def test_frame_vectors_of_fpga_md():
-    doc = (ROOT / "appliance" / "subscribers" / "FPGA.md").read_text()
+    doc = (ROOT / "appliance" / "subscribers" / "inference" / "FPGA.md").read_text()
     info_req = "a5 5a 01 01 00 00 98 3a d2 4e"
     info_resp = "a5 5a 81 01 00 0c 00 00 00 00 00 00 00 10 00 00 00 04 5a e2 06 b8"
     infer = "a5 5a 02 02 00 10 00 00 00 00 00 00 80 3f 00 00 00 40 00 00 40 40 6f 25 22 53"
@@ -419,7 +432,7 @@ def test_fpga_backend_against_the_simulator(sim, link):
         for _ in range(50):
             x = rng.normal(scale=2.0, size=16).astype(np.float32)
             np.testing.assert_allclose(backend.run(x), reference(x), atol=TOL, rtol=0)
-        assert backend.stats["timeouts"] == 0 and backend.garbage_bytes == 0
+        assert backend.counters()["timeouts"] == 0 and backend.counters()["garbage_bytes"] == 0
     finally:
         backend.close()
 
@@ -434,10 +447,10 @@ def test_fpga_backend_resyncs_after_garbage_timeouts_and_stale_answers(sim):
         for _ in range(8):
             np.testing.assert_allclose(backend.run(x), want, atol=TOL, rtol=0)
         elapsed = time.monotonic() - started
-        stats = backend.stats
+        stats = backend.counters()
         assert stats["timeouts"] == 2  # the dropped and the corrupted answer
         assert stats["stale"] == 1 and stats["busy"] == 1 and stats["retries"] == 3
-        assert backend.reader.crc_errors >= 1 and backend.garbage_bytes >= 40
+        assert stats["crc_errors"] >= 1 and stats["garbage_bytes"] >= 40
         assert elapsed < 1.0  # two timeouts of 0.1 s, the rest at once
         # garbage towards the device: it skips to the next sync and answers the request
         backend.link.write(b"\x5a\xa5\x5a\x02\x07\x00\x10junk" + bytes(range(30)))
@@ -455,7 +468,7 @@ def test_fpga_backend_gives_up_after_its_retries(sim):
         with pytest.raises(FpgaError, match=r"no valid answer in 2 attempts of 0\.05 s"):
             backend.run(np.zeros(16, np.float32))
         assert 0.09 < time.monotonic() - started < 0.5
-        assert backend.stats["timeouts"] == 2
+        assert backend.counters()["timeouts"] == 2
         np.testing.assert_allclose(
             backend.run(np.zeros(16, np.float32)), reference(np.zeros(16)), atol=TOL
         )
@@ -615,7 +628,7 @@ def test_kill_9_of_the_subscriber_loses_no_window(daemon_factory):
     wait_for(lambda: len(window_set(d)) >= 10, timeout=15, what="the first 10 windows")
     state = d.data_dir / "subscribers" / "ai" / STATE_FILE
     wait_for(
-        lambda: state.exists() and json.loads(state.read_text())["state"]["pending"],
+        lambda: state.exists() and read_checked_json(state)["state"]["pending"],
         what="the unfinished window on flash",
     )
     pid = wait_for(lambda: subscriber_pid(d, "ai"), what="the subscriber process")
@@ -661,3 +674,10 @@ def test_fpga_backend_through_the_daemon(daemon_factory, sim):
     for result in results(d):
         assert result["backend"] == "fpga"
         sender.check(result)
+    # the link's counters reach `stats` through the subscriber's status line
+    status = wait_for(
+        lambda: stats_json(d.data_dir)["subscribers"]["ai"].get("backend_counters"),
+        what="the FPGA backend's counters in stats",
+    )
+    assert status["requests"] >= 5 and status["timeouts"] == 0  # INFO, then 4 windows
+    assert {"retries", "stale", "busy", "crc_errors", "garbage_bytes"} <= set(status)

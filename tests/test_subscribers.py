@@ -177,6 +177,14 @@ def test_each_built_in_schema_takes_its_own_defaults(kind):
     assert set(filled) == set(cls.OPTIONS)
 
 
+@pytest.mark.parametrize("kind", ["archive", "inference"])
+def test_a_package_type_loads_by_its_old_module_path_too(kind):
+    """archive.py and inference.py became packages; configs that name the class by its
+    module path (type = "appliance.subscribers.archive:ArchiveSubscriber") still work."""
+    cls = runner.load_class(kind)
+    assert runner.load_class(f"appliance.subscribers.{kind}:{cls.__name__}") is cls
+
+
 def test_subscriber_processes_log_like_the_daemon(daemon_factory, tmp_path):
     """logfmt, one line per event with subscriber=NAME, no traceback below debug, no raw
     JSON line at stop; a failing batch is one error line with a pause that grows."""

@@ -49,7 +49,7 @@ log = logging.getLogger("appliance.subscribers")
 BUILTIN = {
     "archive": "appliance.subscribers.archive.subscriber:ArchiveSubscriber",
     "index": "appliance.subscribers.index:IndexSubscriber",
-    "inference": "appliance.subscribers.inference:InferenceSubscriber",
+    "inference": "appliance.subscribers.inference.subscriber:InferenceSubscriber",
     "cloud": "appliance.subscribers.cloud:CloudSubscriber",
     "mqtt": "appliance.subscribers.mqtt:MqttSubscriber",
 }

@@ -20,12 +20,11 @@ import time
 import zlib
 from typing import Any
 
-from appliance.subscribers.inference import Backend, BackendError, InferenceError
+from appliance.subscribers.inference.backend import Backend, BackendError, InferenceError
 
 SYNC = b"\xa5\x5a"
 HEADER = struct.Struct(">2sBBH")  # sync, type, tag, payload length
 CRC = struct.Struct(">I")  # CRC-32 (zlib) of type, tag, length and payload
-OVERHEAD = HEADER.size + CRC.size
 MAX_PAYLOAD = 0xFFFF
 
 INFO = 0x01  # request: no payload
@@ -219,7 +218,7 @@ class FpgaBackend(Backend):
         self.link = self._open()
         self.reader = FrameReader({RESPONSE | INFO, RESPONSE | INFER}, INFO_BODY.size)
         self.tag = 0
-        self.stats = {"requests": 0, "retries": 0, "timeouts": 0, "stale": 0, "busy": 0}
+        self.counts = {"requests": 0, "retries": 0, "timeouts": 0, "stale": 0, "busy": 0}
         try:
             body = self.request(INFO, b"")
             if len(body) != INFO_BODY.size - 1:
@@ -261,7 +260,7 @@ class FpgaBackend(Backend):
 
     def request(self, kind: int, payload: bytes) -> bytes:
         """Send one request and return the answer's body (after the status byte)."""
-        self.stats["requests"] += 1
+        self.counts["requests"] += 1
         if self.link is None:  # lost (a USB adapter unplugged): open it again
             self.link = self._open()
         try:
@@ -275,20 +274,20 @@ class FpgaBackend(Backend):
     def _request(self, kind: int, payload: bytes) -> bytes:
         for attempt in range(1 + self.retries):
             if attempt:
-                self.stats["retries"] += 1
+                self.counts["retries"] += 1
             self.tag = (self.tag + 1) & 0xFF
             self.reader.skipped += len(self.link.discard())
             self.reader.reset()
             self.link.write(encode_frame(kind, self.tag, payload))
             answer = self._await(kind | RESPONSE, self.tag)
             if answer is None:
-                self.stats["timeouts"] += 1
+                self.counts["timeouts"] += 1
                 continue
             status, body = answer[0], answer[1:]
             if status == OK:
                 return body
             if status == BUSY:
-                self.stats["busy"] += 1
+                self.counts["busy"] += 1
                 time.sleep(BUSY_PAUSE)
                 continue
             name = STATUS_NAMES.get(status, f"status {status}")
@@ -307,11 +306,14 @@ class FpgaBackend(Backend):
             for rkind, rtag, body in self.reader.feed(self.link.read(left)):
                 if rkind == kind and rtag == tag and body:
                     return body
-                self.stats["stale"] += 1  # an answer to an earlier attempt
+                self.counts["stale"] += 1  # an answer to an earlier attempt
 
-    @property
-    def garbage_bytes(self) -> int:
-        return self.reader.skipped
+    def counters(self) -> dict[str, int]:
+        return {
+            **self.counts,
+            "crc_errors": self.reader.crc_errors,  # answers garbled on the link
+            "garbage_bytes": self.reader.skipped,  # bytes skipped looking for a frame
+        }
 
     def close(self) -> None:
         if self.link is not None:

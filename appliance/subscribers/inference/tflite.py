@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from appliance.subscribers.inference import EXTRA, Backend, InferenceError, require_numpy
+from appliance.subscribers.inference.backend import EXTRA, Backend, InferenceError, require_numpy
 
 
 def interpreter_class() -> tuple[type, str]:

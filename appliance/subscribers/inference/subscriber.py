@@ -21,8 +21,8 @@
 
 Windows are tumbling and kept per (identity, channel); a frame whose size does
 not match the rule is skipped and counted (a warning at the 1st, 2nd, 4th, 8th...).
-Each full window is one `Backend.run` (the TFLite interpreter in
-tflite_backend.py, or the accelerator of fpga.py) and one JSON result on
+Each full window is one `Backend.run` (the TFLite interpreter in tflite.py,
+or the accelerator of fpga.py) and one JSON result on
 `output_channel`, published as identity subscriber/NAME:
 
     {"identity": "dev/core-0", "channel": 3, "first": ["dev/core-0", 1],
@@ -32,7 +32,7 @@ tflite_backend.py, or the accelerator of fpga.py) and one JSON result on
 `latency_ms` is the time of `run` for that window, input conversion included.
 
 Nothing is lost across a crash. The frames of unfinished windows are saved in
-`state_dir/windows.json` at every flush, beside the log position they
+`state_dir/windows.json` (windows.py) at every flush, beside the log position they
 correspond to, together with the previous such state: the runner commits its
 cursor only after flush and the results' ACKs, so after a kill (or a batch
 that failed after `handle`) the first record delivered tells which of the two
@@ -45,256 +45,45 @@ this module still imports, so the daemon can check the config; the
 subscriber process stops with a one-line error.
 
 `python -m appliance.subscribers.inference --model M` (or `--backend fpga
---device D`) measures the latency per window (p50/p99) of a backend.
+--device D`) measures the latency per window (p50/p99) of a backend (__main__.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import base64
 import importlib.util
 import json
 import logging
 import os
-import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.config import REQUIRED, ConfigError, OptionError
+from appliance.config import REQUIRED, OptionError
+from appliance.durable import write_checked_json
 from appliance.store.segment import Record
 from appliance.subscribers.base import Context, Subscriber
+from appliance.subscribers.inference.backend import (
+    EXTRA,
+    Backend,
+    InferenceError,
+    open_backend,
+    require_numpy,
+)
+from appliance.subscribers.inference.decode import DecodeRule
+from appliance.subscribers.inference.latency import latency_summary
+from appliance.subscribers.inference.windows import (
+    STATE_FILE,
+    Frame,
+    Key,
+    Windows,
+    read_state_file,
+)
 
 log = logging.getLogger("appliance.subscribers.inference")
 
-STATE_FILE = "windows.json"
 STATE_VERSION = 1
-EXTRA = "pip install 'module-ingest[inference]'"
 LATENCY_SAMPLES = 10000  # the latest windows' latencies kept for p50/p99
-
-
-class InferenceError(ConfigError):
-    """A configuration or set-up problem (an option, the model, the device, the extra):
-    the subscriber process stops with it as one line, like a config error."""
-
-
-class BackendError(Exception):
-    """A window could not be run (device timeout...): the batch comes again."""
-
-
-def require_numpy():
-    try:
-        import numpy
-    except ImportError:
-        raise InferenceError(f"inference needs numpy: {EXTRA}") from None
-    return numpy
-
-
-class Backend:
-    """One way of running the model. Subclasses set, in __init__:
-
-    input_shape, input_dtype     what `run` takes (numpy shape and dtype)
-    output_shape, output_dtype   what it returns
-    """
-
-    name = "backend"
-    input_shape: tuple[int, ...] = ()
-    input_dtype: Any = None
-    output_shape: tuple[int, ...] = ()
-    output_dtype: Any = None
-
-    def run(self, input):  # input: ndarray of input_shape -> ndarray
-        raise NotImplementedError
-
-    def describe(self) -> dict[str, Any]:
-        return {"backend": self.name}
-
-    def close(self) -> None:
-        pass
-
-
-def open_backend(options: dict[str, Any], base_dir: Path | None = None) -> Backend:
-    """The backend an options table asks for ("backend", "model", "device"...)."""
-    kind = options.get("backend", "tflite")
-    if kind == "tflite":
-        from appliance.subscribers.tflite_backend import TFLiteBackend
-
-        model = options.get("model")
-        if not isinstance(model, str) or not model:
-            raise InferenceError("inference: backend tflite needs model = PATH")
-        path = Path(model)
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
-        return TFLiteBackend(path, threads=_option(options, "threads", int, 1))
-    if kind == "fpga":
-        from appliance.subscribers.fpga import FpgaBackend
-
-        device = options.get("device")
-        if not isinstance(device, str) or not device:
-            raise InferenceError("inference: backend fpga needs device = PATH")
-        return FpgaBackend(
-            device,
-            link=_option(options, "link", str, "auto"),
-            baudrate=_option(options, "baudrate", int, 115200),
-            timeout=_option(options, "timeout", float, 1.0),
-            retries=_option(options, "retries", int, 2),
-        )
-    raise InferenceError(f"inference: backend must be tflite or fpga, not {kind!r}")
-
-
-def _option(options: dict[str, Any], key: str, kind: type, default):
-    value = options.get(key, default)
-    if kind is float and type(value) is int:
-        value = float(value)
-    if type(value) is not kind:
-        raise InferenceError(f"inference: option {key} must be {kind.__name__}, not {value!r}")
-    return value
-
-
-# -- the decode rule -------------------------------------------------------------------
-
-
-class DecodeRule:
-    """Frame payloads -> one model input: `window` frames of `shape` values of `dtype`."""
-
-    def __init__(
-        self,
-        dtype: str,
-        shape: list[int] | None,
-        window: int,
-        input_shape: tuple[int, ...],
-        input_dtype,
-        scale: float = 1.0,
-        offset: float = 0.0,
-    ) -> None:
-        np = require_numpy()
-        self.np = np
-        try:
-            dt = np.dtype(dtype)
-        except TypeError:
-            raise InferenceError(f"inference: dtype {dtype!r} is not a numpy dtype") from None
-        if dt.kind not in "iuf":
-            raise InferenceError(f"inference: dtype {dtype!r} is not an integer or float type")
-        if dt.byteorder == "=" and dt.itemsize > 1:
-            dt = dt.newbyteorder("<")  # sensor boards are little-endian; say ">" otherwise
-        if window < 1:
-            raise InferenceError(f"inference: window must be at least 1, not {window}")
-        total = int(np.prod(input_shape))
-        if shape is None:
-            if total % window:
-                raise InferenceError(
-                    f"inference: the model takes {total} values, not a multiple of window {window}"
-                )
-            shape = [total // window]
-        if not shape or not all(type(n) is int and n > 0 for n in shape):
-            raise InferenceError(f"inference: shape must be a list of positive ints: {shape!r}")
-        per_frame = int(np.prod(shape))
-        if per_frame * window != total:
-            raise InferenceError(
-                f"inference: window {window} x shape {shape} = {per_frame * window} values; "
-                f"the model takes {list(input_shape)} = {total}"
-            )
-        self.dtype = dt
-        self.shape = tuple(shape)
-        self.window = window
-        self.input_shape = tuple(input_shape)
-        self.input_dtype = np.dtype(input_dtype)
-        self.scale = scale
-        self.offset = offset
-        self.frame_bytes = per_frame * dt.itemsize
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any], backend: Backend) -> DecodeRule:
-        shape = options.get("shape") or None  # none or []: from the model
-        if shape is not None and not isinstance(shape, list):
-            raise InferenceError(f"inference: shape must be a list of ints, not {shape!r}")
-        return cls(
-            _option(options, "dtype", str, "float32"),
-            shape,
-            _option(options, "window", int, 1),
-            backend.input_shape,
-            backend.input_dtype,
-            _option(options, "scale", float, 1.0),
-            _option(options, "offset", float, 0.0),
-        )
-
-    def fits(self, payload: bytes) -> bool:
-        return len(payload) == self.frame_bytes
-
-    def assemble(self, payloads: list[bytes]):
-        """The model input for one window of frame payloads (each `fits`)."""
-        return self.assemble_many([payloads])[0]
-
-    def assemble_many(self, windows: list[list[bytes]]):
-        """The model inputs of many windows at once (one array, one input per window)."""
-        np = self.np
-        raw = np.frombuffer(b"".join(b"".join(w) for w in windows), dtype=self.dtype)
-        # (windows, window, *shape): frames in order
-        raw = raw.reshape((len(windows), len(windows[0]), *self.shape))
-        if self.scale != 1.0 or self.offset != 0.0:
-            raw = raw.astype(np.float64) * self.scale + self.offset
-        return raw.astype(self.input_dtype).reshape((len(windows), *self.input_shape))
-
-
-# -- window state ----------------------------------------------------------------------
-
-Key = tuple[str, int]  # (identity, channel)
-Frame = tuple[int, int, bytes]  # (seq, ts_ns, payload)
-
-
-@dataclass(frozen=True)
-class Windows:
-    """The unfinished windows after every record before log position `pos` was applied.
-    Treated as immutable: applying a batch makes a new one."""
-
-    pos: tuple[int, int] = (0, 0)  # (segment, offset) just past the last record applied
-    pending: dict[Key, tuple[Frame, ...]] = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {
-            "pos": list(self.pos),
-            "pending": [
-                {
-                    "identity": ident,
-                    "channel": channel,
-                    "frames": [[s, t, base64.b64encode(p).decode()] for s, t, p in frames],
-                }
-                for (ident, channel), frames in self.pending.items()
-            ],
-        }
-
-    @classmethod
-    def from_json(cls, obj: dict) -> Windows:
-        pending = {}
-        for entry in obj["pending"]:
-            frames = tuple(
-                (int(s), int(t), base64.b64decode(p, validate=True)) for s, t, p in entry["frames"]
-            )
-            pending[(str(entry["identity"]), int(entry["channel"]))] = frames
-        seg, off = obj["pos"]
-        return cls((int(seg), int(off)), pending)
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
-    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[index]
-
-
-def latency_summary(latencies_ms) -> dict[str, float]:
-    values = sorted(latencies_ms)
-    return {
-        "windows": len(values),
-        "p50_ms": round(_percentile(values, 0.50), 4),
-        "p99_ms": round(_percentile(values, 0.99), 4),
-        "max_ms": round(values[-1], 4) if values else 0.0,
-    }
-
-
-# -- the subscriber --------------------------------------------------------------------
 
 
 class InferenceSubscriber(Subscriber):
@@ -378,7 +167,7 @@ class InferenceSubscriber(Subscriber):
     def _load(self) -> tuple[Windows, Windows]:
         path = self.state_path
         try:
-            obj = json.loads(path.read_bytes())
+            obj = read_state_file(path)
         except FileNotFoundError:
             return Windows(), Windows()
         except (OSError, ValueError) as exc:
@@ -410,27 +199,15 @@ class InferenceSubscriber(Subscriber):
         return Windows(), Windows()
 
     def _save(self) -> None:
-        data = json.dumps(
+        write_checked_json(
+            self.state_path,
             {
                 "version": STATE_VERSION,
                 "rule": self._rule_json(),
                 "base": self.base.to_json(),
                 "state": self.state.to_json(),
-            }
-        ).encode()
-        tmp = self.state_path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.state_path)
-        dir_fd = os.open(self.state_path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            },
+        )
 
     # -- batches -------------------------------------------------------------------
 
@@ -537,12 +314,16 @@ class InferenceSubscriber(Subscriber):
 
     def stats(self) -> dict[str, Any]:
         latency = latency_summary(self.latencies)
-        return {
+        out = {
             "windows": self.windows,
             "wrong_size_frames": self.skipped_total,  # skipped: not the decode rule's size
             "latency_p50_ms": latency["p50_ms"],
             "latency_p99_ms": latency["p99_ms"],
         }
+        counters = self.backend.counters()
+        if counters:  # the accelerator link's health (fpga)
+            out["backend_counters"] = counters
+        return out
 
     def flush(self) -> None:
         if self.state is self._saved:
@@ -566,52 +347,3 @@ class InferenceSubscriber(Subscriber):
             self.skipped_total,
         )
         self.backend.close()
-
-
-# -- latency measurement: python -m appliance.subscribers.inference ----------------------
-
-
-def measure(backend: Backend, windows: int, seed: int = 1) -> dict[str, float]:
-    """Run `windows` random inputs through `backend`, timed like the subscriber does."""
-    np = require_numpy()
-    rng = np.random.default_rng(seed)
-    latencies = []
-    for _ in range(windows):
-        x = rng.normal(size=backend.input_shape).astype(backend.input_dtype)
-        started = time.perf_counter_ns()
-        backend.run(x)
-        latencies.append((time.perf_counter_ns() - started) / 1e6)
-    return latency_summary(latencies)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m appliance.subscribers.inference",
-        description="Inference latency per window (p50/p99) of a backend.",
-    )
-    parser.add_argument("--backend", default="tflite", choices=["tflite", "fpga"])
-    parser.add_argument("--model", help="tflite: the .tflite file")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", help="fpga: the tty or character device")
-    parser.add_argument("--link", default="auto", choices=["auto", "serial", "chardev"])
-    parser.add_argument("--baudrate", type=int, default=115200)
-    parser.add_argument("--windows", type=int, default=2000)
-    parser.add_argument("--warmup", type=int, default=20)
-    args = parser.parse_args(argv)
-    options = {k: v for k, v in vars(args).items() if v is not None}
-    try:
-        backend = open_backend(options, Path.cwd())
-        try:
-            measure(backend, args.warmup)
-            result = {**backend.describe(), **measure(backend, args.windows)}
-        finally:
-            backend.close()
-    except (InferenceError, BackendError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Inference latency per window: the p50/p99 the subscriber reports in `stats`, and the
+measurement of a backend alone (`python -m appliance.subscribers.inference`)."""
+
+from __future__ import annotations
+
+import time
+
+from appliance.subscribers.inference.backend import Backend, require_numpy
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def latency_summary(latencies_ms) -> dict[str, float]:
+    values = sorted(latencies_ms)
+    return {
+        "windows": len(values),
+        "p50_ms": round(_percentile(values, 0.50), 4),
+        "p99_ms": round(_percentile(values, 0.99), 4),
+        "max_ms": round(values[-1], 4) if values else 0.0,
+    }
+
+
+def measure(backend: Backend, windows: int, seed: int = 1) -> dict[str, float]:
+    """Run `windows` random inputs through `backend`, timed like the subscriber does."""
+    np = require_numpy()
+    rng = np.random.default_rng(seed)
+    latencies = []
+    for _ in range(windows):
+        x = rng.normal(size=backend.input_shape).astype(backend.input_dtype)
+        started = time.perf_counter_ns()
+        backend.run(x)
+        latencies.append((time.perf_counter_ns() - started) / 1e6)
+    return latency_summary(latencies)
