@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -111,6 +112,53 @@ def own_moto(tmp_path):
     server.stop()
 
 
+# -- reading the bucket back: what the tests need, not the uploader -----------------------
+
+S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+
+
+def head_object(client: S3Client, key: str) -> dict[str, str] | None:
+    """The object's headers (lower-case names), or None when there is no such object."""
+    try:
+        return client.request("HEAD", key).headers
+    except S3Error as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def get_object(client: S3Client, key: str) -> bytes:
+    return client.request("GET", key).body
+
+
+def list_objects(client: S3Client, prefix: str = "") -> list[tuple[str, int]]:
+    """(key, size) of every object under prefix, ListObjectsV2 page by page."""
+    out = []
+    token = None
+    while True:
+        params = [("list-type", "2"), ("prefix", prefix)]
+        if token:
+            params.append(("continuation-token", token))
+        root = ET.fromstring(client.request("GET", "", params=params).body)
+        for item in root.iter(f"{S3_NS}Contents"):
+            out.append(
+                (item.findtext(f"{S3_NS}Key") or "", int(item.findtext(f"{S3_NS}Size") or 0))
+            )
+        if root.findtext(f"{S3_NS}IsTruncated") != "true":
+            return out
+        token = root.findtext(f"{S3_NS}NextContinuationToken")
+
+
+def bucket_exists(client: S3Client) -> bool:
+    try:
+        client.request("HEAD", "")
+        return True
+    except S3Error as exc:
+        if exc.status == 404:
+            return False
+        raise
+
+
 def new_bucket(moto: Moto, **config) -> S3Client:
     """A client on a new bucket of its own."""
     credentials = config.pop("credentials", KEYS)
@@ -148,13 +196,13 @@ def uploaded(client: S3Client, prefix: str = "") -> list[dict]:
     """Every line of every object under prefix, in key order."""
     lines = []
     try:
-        objects = sorted(client.list_objects(prefix))
+        objects = sorted(list_objects(client, prefix))
     except S3Error as exc:
         if exc.code != "NoSuchBucket":  # a restarted moto has none until the uploader makes it
             raise
         objects = []
     for key, _size in objects:
-        body = gzip.decompress(client.get_object(key))
+        body = gzip.decompress(get_object(client, key))
         lines += [json.loads(line) for line in body.splitlines()]
     return lines
 
@@ -173,7 +221,9 @@ def as_lines(recs: list[Record]) -> list[dict]:
     ]
 
 
-def subscriber(tmp_path, client: S3Client, partial_commit=False, **options) -> CloudSubscriber:
+def subscriber(tmp_path, client: S3Client, **options) -> CloudSubscriber:
+    """The uploader on `client`'s bucket; with max_age 0 unless given, so that every
+    flush uploads what it holds."""
     host = client.host_header
     options = {
         "endpoint": f"http://{host}",
@@ -182,12 +232,12 @@ def subscriber(tmp_path, client: S3Client, partial_commit=False, **options) -> C
         "access_key_id": "testing",
         "secret_access_key": "testing",
         "prefix": "t",
+        "max_age": 0.0,
         **options,
     }
     context = Context(
         name="up", data_dir=tmp_path, state_dir=tmp_path / "up", config=None, options=options
     )
-    context.partial_commit = partial_commit  # the runner says True: it commits partially
     return CloudSubscriber(context)
 
 
@@ -229,16 +279,16 @@ def test_client_against_a_server_that_checks_signatures(tmp_path):
     try:
         creds = iam_user(server)
         client = new_bucket(server, credentials=creds, part_size=5 * MiB)
-        assert client.addressing == "path" and client.head_bucket()
+        assert client.addressing == "path" and bucket_exists(client)
 
         # keys that need encoding: space, plus, tilde, non-ASCII, "//" and "./" kept as they are
         for key in ["plain.txt", "dir/a b+c~d.txt", "\u00e9t\u00e9/\u1234.bin", "x//./y"]:
             etag = client.put_object(key, key.encode() * 3)
             assert etag.strip('"')
-            assert client.get_object(key) == key.encode() * 3
-            assert int(client.head_object(key)["content-length"]) == len(key.encode()) * 3
-        assert client.head_object("nothing/here") is None
-        assert {k for k, _ in client.list_objects("dir/")} == {"dir/a b+c~d.txt"}
+            assert get_object(client, key) == key.encode() * 3
+            assert int(head_object(client, key)["content-length"]) == len(key.encode()) * 3
+        assert head_object(client, "nothing/here") is None
+        assert {k for k, _ in list_objects(client, "dir/")} == {"dir/a b+c~d.txt"}
 
         # multipart: 11 MiB in parts of 5 MiB
         big = os.urandom(11 * MiB)
@@ -246,21 +296,21 @@ def test_client_against_a_server_that_checks_signatures(tmp_path):
         client.observer = lambda method, key, status: calls.append((method, status))
         assert client.upload("big/object", big, headers={"x-amz-meta-note": "big"}).endswith('-3"')
         assert calls == [("POST", 200), ("PUT", 200), ("PUT", 200), ("PUT", 200), ("POST", 200)]
-        assert client.get_object("big/object") == big
-        assert client.head_object("big/object")["x-amz-meta-note"] == "big"
+        assert get_object(client, "big/object") == big
+        assert head_object(client, "big/object")["x-amz-meta-note"] == "big"
 
         # an aborted multipart upload leaves no object
         upload_id = client.create_multipart_upload("gone")
         client.upload_part("gone", upload_id, 1, b"x" * 100)
         client.abort_multipart_upload("gone", upload_id)
-        assert client.head_object("gone") is None
+        assert head_object(client, "gone") is None
 
         # UNSIGNED-PAYLOAD is accepted too
         unsigned = S3Client(
             S3Config(client.config.bucket, creds, server.endpoint, payload="unsigned")
         )
         unsigned.put_object("unsigned", b"body")
-        assert client.get_object("unsigned") == b"body"
+        assert get_object(client, "unsigned") == b"body"
 
         # a wrong secret: refused, and not worth retrying
         wrong = S3Client(
@@ -347,10 +397,10 @@ def test_every_record_lands_once_per_flush(moto, tmp_path):
     for batch in batches:
         sub.handle(batch)
         assert sub.flush() is None  # everything handled is confirmed
-    keys = [k for k, _ in client.list_objects("t/")]
+    keys = [k for k, _ in list_objects(client, "t/")]
     assert len(keys) == 3 and all(k.endswith(".jsonl.gz") for k in keys)
     assert uploaded(client, "t/") == as_lines([r for b in batches for r in b])
-    head = client.head_object(sorted(keys)[0])
+    head = head_object(client, sorted(keys)[0])
     assert head["x-amz-meta-records"] == "50"
     assert head["x-amz-meta-first"] == "m-1/core-0%201"
     assert head["x-amz-meta-last"] == "m-1/core-0%2050"
@@ -375,11 +425,11 @@ def test_max_bytes_cuts_objects_and_large_ones_go_multipart(moto, tmp_path):
     batch = records(200, size=64 * 1024, random_payload=True)  # ~17 MiB of JSON lines
     sub.handle(batch)
     sub.flush()
-    objects = sorted(client.list_objects("t/"))
+    objects = sorted(list_objects(client, "t/"))
     assert len(objects) >= 2
     assert any(size > 5 * MiB for _, size in objects)
     multipart = [k for k, size in objects if size > 5 * MiB]
-    assert all(re.search(r'-\d+"$', client.head_object(k)["etag"]) for k in multipart)
+    assert all(re.search(r'-\d+"$', head_object(client, k)["etag"]) for k in multipart)
     assert uploaded(client, "t/") == as_lines(batch)
 
 
@@ -425,9 +475,9 @@ def test_an_outage_in_the_middle_of_a_multipart_upload(own_moto, tmp_path, caplo
         expected = min(expected * 2, 0.8)
     assert len(set(pauses)) > 1
     assert "created the missing bucket" in caplog.text
-    objects = list(client.list_objects("t/"))
+    objects = list(list_objects(client, "t/"))
     assert len(objects) == 1
-    assert client.head_object(objects[0][0])["etag"].endswith('-3"')
+    assert head_object(client, objects[0][0])["etag"].endswith('-3"')
     assert uploaded(client, "t/") == as_lines(batch)
 
 
@@ -451,11 +501,11 @@ def test_flush_raises_when_the_outage_outlasts_retry_for(own_moto, tmp_path):
     assert uploaded(client, "t/") == as_lines(batch)
 
 
-def test_with_partial_commit_records_are_held_until_size_or_age(moto, tmp_path):
-    """A runner that commits only up to the position flush() returns (Context.partial_commit)
-    lets objects span batches; what is held is never behind the commit."""
+def test_records_are_held_until_size_or_age(moto, tmp_path):
+    """The runner commits only up to the position flush() returns, so objects span
+    batches; what is held is never behind the commit."""
     client = new_bucket(moto)
-    sub = subscriber(tmp_path, client, partial_commit=True, max_age=0.5, max_bytes=64 * 1024)
+    sub = subscriber(tmp_path, client, max_age=0.5, max_bytes=64 * 1024)
     committed = None
     batches = [records(10, seq=1 + 10 * i, start=(1, 4096 + 1000 * i)) for i in range(3)]
     for batch in batches:
@@ -463,14 +513,14 @@ def test_with_partial_commit_records_are_held_until_size_or_age(moto, tmp_path):
         position = sub.flush()
         committed = position or (batch[-1].segment, batch[-1].end)
         assert committed == (1, 4096)  # the first record held: nothing uploaded yet
-    assert list(client.list_objects("t/")) == []
+    assert list(list_objects(client, "t/")) == []
     time.sleep(0.6)
     assert sub.flush() is None  # the idle call after max_age uploads
     assert uploaded(client, "t/") == as_lines([r for b in batches for r in b])
     big = records(300, seq=31, size=1024, random_payload=True, start=(2, 4096))
     sub.handle(big)
     position = sub.flush()  # cut at max_bytes: the full objects go, the rest is held
-    assert len(list(client.list_objects("t/"))) >= 3
+    assert len(list(list_objects(client, "t/"))) >= 3
     held = next(r for r in big if (r.segment, r.offset) == position)
     assert uploaded(client, "t/") == as_lines(
         [r for b in batches for r in b] + big[: big.index(held)]

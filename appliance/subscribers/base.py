@@ -55,10 +55,6 @@ class Context:
     # the daemon, as identity "subscriber/NAME"; durable once flush() returned
     publish: Callable[[int, bytes, int], None] | None = None
     options: dict[str, Any] = field(default_factory=dict)
-    # flush() may return the (segment, offset) of the first record it still holds
-    # (gathering a larger object); the cursor then commits only up to there, and
-    # flush() is also called about once a second while nothing new arrives
-    partial_commit: bool = True
     stopping: threading.Event | None = None  # set when the process is asked to stop
     config_dir: Path = field(default_factory=Path.cwd)  # relative paths in options start here
 
@@ -98,7 +94,9 @@ class Subscriber:
 
     def flush(self) -> tuple[int, int] | None:
         """Make everything handled so far durable or delivered: the cursor moves next.
-        Return the (segment, offset) of the first record still held, if any."""
+        Return the (segment, offset) of the first record still held, if any (gathering a
+        larger object): the cursor then commits only up to there. flush() is also called
+        about once a second while nothing new arrives, so what is held can age out."""
 
     def close(self) -> None:
         """The process stops (after a flush)."""

@@ -36,7 +36,7 @@ recognised by their log place and not added twice). The last error is in
 crash or a restart, reading resumes at the cursor: what was not confirmed is
 read again and uploaded, at least once.
 
-Batching. The runner commits partially (`Context.partial_commit`): `flush()`
+Batching. The runner commits partially (see `Subscriber.flush`): `flush()`
 returns the log position of the first record it still holds, the cursor
 commits only up to there, and `flush()` also runs about once a second while
 nothing new arrives. So records are held across batches in memory (at most
@@ -44,8 +44,7 @@ nothing new arrives. So records are held across batches in memory (at most
 first record is `max_age` seconds (60) old; what is held is still in the log
 behind the cursor, so nothing is written to flash a second time. Bodies above
 `part_size` (16 MiB) go up as multipart uploads, so an outage costs a part,
-not the object. Without partial commits (another runner), every flush uploads
-everything.
+not the object.
 
 Options (all but bucket optional): endpoint (else AWS_ENDPOINT_URL_S3 or
 AWS_ENDPOINT_URL, else AWS), region (else AWS_REGION or AWS_DEFAULT_REGION,
@@ -229,8 +228,6 @@ class CloudSubscriber(Subscriber):
         self.retry = (opts["retry_base"], opts["retry_max"])
         self.create_bucket = bool(opts["create_bucket"])
         self.level = int(opts["gzip_level"])
-        # partial commit: hold records across batches (see the module doc)
-        self.hold = context.partial_commit
         # set when the process is told to stop: retries end early (the cursor stays)
         self.stopping = context.stopping
         extra = {"x-amz-storage-class": opts["storage_class"]} if opts["storage_class"] else {}
@@ -278,9 +275,9 @@ class CloudSubscriber(Subscriber):
             self.last_position = (records[-1].segment, records[-1].offset)
 
     def flush(self) -> tuple[int, int] | None:
-        """Upload what is due; None when everything handled is confirmed, else (with
-        partial commit) the log position of the first record still held."""
-        due = not self.hold or self.pending.size >= self.max_bytes
+        """Upload what is due; None when everything handled is confirmed, else the log
+        position of the first record still held (records are held across batches)."""
+        due = self.pending.size >= self.max_bytes
         if self.pending.count and (due or time.monotonic() - self.pending.started >= self.max_age):
             self._cut()
         while self.ready:

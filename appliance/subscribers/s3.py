@@ -4,7 +4,6 @@
                                credentials=Credentials("key", "secret")))
     client.put_object("a/b.jsonl.gz", body)                 # -> ETag
     client.upload("big.jsonl.gz", body)                     # multipart above part_size
-    client.head_object("a/b.jsonl.gz")                      # -> headers, or None
 
 Works with AWS S3, MinIO, moto, Ceph RGW and GCS's XML API (HMAC keys,
 endpoint https://storage.googleapis.com, region "auto"). Addressing:
@@ -28,7 +27,7 @@ import contextlib
 import http.client
 import ssl
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -229,34 +228,6 @@ class S3Client:
         resp = self.request("PUT", key, headers=send, body=body)
         return resp.headers.get("etag", "")
 
-    def head_object(self, key: str) -> dict[str, str] | None:
-        try:
-            return self.request("HEAD", key).headers
-        except S3Error as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def get_object(self, key: str) -> bytes:
-        return self.request("GET", key).body
-
-    def delete_object(self, key: str) -> None:
-        self.request("DELETE", key)
-
-    def list_objects(self, prefix: str = "") -> Iterator[tuple[str, int]]:
-        """(key, size) of every object under prefix, ListObjectsV2 page by page."""
-        token = None
-        while True:
-            params = [("list-type", "2"), ("prefix", prefix)]
-            if token:
-                params.append(("continuation-token", token))
-            root = ET.fromstring(self.request("GET", "", params=params).body)
-            for item in root.iter(f"{_NS}Contents"):
-                yield item.findtext(f"{_NS}Key") or "", int(item.findtext(f"{_NS}Size") or 0)
-            if root.findtext(f"{_NS}IsTruncated") != "true":
-                return
-            token = root.findtext(f"{_NS}NextContinuationToken")
-
     # -- buckets -------------------------------------------------------------------------
 
     def create_bucket(self) -> None:
@@ -273,15 +244,6 @@ class S3Client:
         except S3Error as exc:
             if exc.code != "BucketAlreadyOwnedByYou":
                 raise
-
-    def head_bucket(self) -> bool:
-        try:
-            self.request("HEAD", "")
-            return True
-        except S3Error as exc:
-            if exc.status == 404:
-                return False
-            raise
 
     # -- multipart -----------------------------------------------------------------------
 
