@@ -374,7 +374,8 @@ class MqttSubscriber(Subscriber):
             return
         self.socket_open = True  # CONNACK comes in a later loop()
 
-    def _on_connect(self, client, userdata, flags, reason, properties) -> None:
+    # paho calls these with its whole callback signature, positionally (_: not needed)
+    def _on_connect(self, _client, _userdata, _flags, reason, _properties) -> None:
         if reason.is_failure:
             self.refused = f"{self.broker} refused the connection: {reason}"
             return
@@ -385,10 +386,10 @@ class MqttSubscriber(Subscriber):
             log.info("mqtt %s: connected to %s", self.name, self.broker)
         self.last_error = None
 
-    def _on_disconnect(self, client, userdata, flags, reason, properties) -> None:
+    def _on_disconnect(self, _client, _userdata, _flags, _reason, _properties) -> None:
         self.connected = False
 
-    def _on_publish(self, client, userdata, mid, reason, properties) -> None:
+    def _on_publish(self, _client, _userdata, mid, _reason, _properties) -> None:
         self.confirmed.add(mid)
 
     def _settle(self) -> None:
