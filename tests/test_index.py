@@ -7,13 +7,12 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 from conftest import cli as run_cli
-from conftest import wait_for
+from conftest import subscriber_pid, wait_for
 
 from appliance import cli
 from appliance.client import Client
@@ -430,21 +429,6 @@ def test_a_reader_sees_only_what_was_flushed(tmp_path):
 
 # -- end to end: frames in over TCP, the index through `query` ----------------------------------
 
-QUERY_IN_CLI = "query" in cli.build_parser()._subparsers._group_actions[0].choices
-
-
-def subscriber_pid(d, name: str) -> int:
-    """The daemon's child running `module-ingest subscriber NAME`, or 0."""
-    found = subprocess.run(
-        ["pgrep", "-P", str(d.proc.pid), "-f", f"subscriber {name}$"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    pids = found.stdout.split()
-    return int(pids[0]) if len(pids) == 1 else 0
-
-
 def test_every_frame_is_indexed_once_through_a_kill_9(daemon_factory, capsys):
     d = daemon_factory('[subscribers.idx]\ntype = "index"\n')
 
@@ -496,7 +480,6 @@ def test_every_frame_is_indexed_once_through_a_kill_9(daemon_factory, capsys):
     assert (found.identity, found.seq, found.payload) == ("dev/core-0", total, b"frame 2999")
 
 
-@pytest.mark.skipif(not QUERY_IN_CLI, reason="cli.py does not register query_cli yet")
 def test_the_query_command_through_the_cli(daemon_factory):
     d = daemon_factory('[subscribers.idx]\ntype = "index"\n')
     with Client(d.host, d.port, "dev/core-0", d.dev_token) as client:

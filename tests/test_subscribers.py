@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import cli, subscriber_pid, wait_for
+from conftest import cli, stats_json, subscriber_pid, wait_for
 
 from appliance.client import Client
 from appliance.config import REQUIRED, ConfigError, check_table
@@ -56,10 +56,13 @@ def test_a_subscriber_gets_every_frame_and_survives_kill_9(daemon_factory):
     assert "exited with -9; restarting" in d.log()
     # at least once: nothing missing; a kill between handle and commit may repeat some
     assert {(r["id"], r["seq"]) for r in got} == {(r["id"], r["seq"]) for r in dumped(d, 1)}
-    stats = cli("stats", "--format", "json", data_dir=d.data_dir)
-    assert stats.returncode == 0, stats.stderr.decode()
-    lags = json.loads(stats.stdout)["subscriber_lag_bytes"]
-    assert set(lags) == {"tap"} and lags["tap"] >= 0
+    # caught up: once its cursor is committed past the last frame it is 0 bytes behind
+    lags = wait_for(
+        lambda: (lag := stats_json(d.data_dir)["subscriber_lag_bytes"]).get("tap") == 0 and lag,
+        interval=0.1,
+        what="the tap's lag to reach 0",
+    )
+    assert set(lags) == {"tap"}
     pid = subscriber_pid(d, "tap")
     assert d.stop() == 0
     assert not Path(f"/proc/{pid}").exists()  # the daemon stopped its subscriber
@@ -198,6 +201,8 @@ def test_subscriber_processes_log_like_the_daemon(daemon_factory, tmp_path):
     assert state.stat().st_mode & 0o777 == 0o700  # what a subscriber keeps is its own
     assert (state / "records.jsonl").stat().st_mode & 0o777 == 0o600
     wait_for(lambda: d.log().count("subscriber bad: batch failed") >= 3, what="three failures")
+    lags = stats_json(d.data_dir)["subscriber_lag_bytes"]
+    assert lags["bad"] > 0  # it never commits: all it was sent is still to read
     assert d.stop() == 0
     lines = [line for line in d.log().splitlines() if "subscriber=" in line]
     assert lines and all(line.startswith("ts=") and " level=" in line for line in lines)
