@@ -35,6 +35,7 @@ from appliance.config import (
     check_table,
     parse_address,
 )
+from appliance.durable import make_dirs
 from appliance.store import wal_dir
 from appliance.store.cursor import Cursor
 from appliance.store.segment import Record, segment_name
@@ -151,7 +152,7 @@ def build(
 ) -> tuple[Subscriber, Publisher | None]:
     cls, options = check_subscriber(config, name)
     state_dir = Path(config.data_dir) / "subscribers" / name
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_dirs(state_dir)  # 0700, and its entry durable before anything is kept in it
     publisher = Publisher(name) if os.environ.get(ENV_TOKEN) else None
     context = Context(
         name=name,
