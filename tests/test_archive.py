@@ -290,6 +290,28 @@ def test_a_failed_handle_reloads_and_the_retry_writes_each_frame_once(tmp_path):
     assert keys(stored(tmp_path, 2)) == [(DEV, 6)]
 
 
+def test_a_failed_reload_is_tried_again_before_anything_is_written(tmp_path):
+    sub = archive(tmp_path)
+    sub.handle(recs(1, 5))
+    sub.flush()
+    blocker = root(tmp_path) / "ch-00002"
+    blocker.write_text("not a directory")  # the channel directory cannot be made
+    batch = [*recs(6, 3, T0 + 5 * SEC), rec(9, channel=2), *recs(10, 3, T0 + 9 * SEC)]
+    with pytest.raises(OSError):
+        sub.handle(batch)  # seqs 6..8 were taken in memory, never written
+    state = tmp_path / "subscribers" / "arch" / STATE_FILE
+    state.unlink()
+    state.mkdir()  # and now the state cannot be read back either (say, a read error)
+    with pytest.raises(OSError):
+        sub.handle(batch)
+    state.rmdir()
+    blocker.unlink()
+    sub.handle(batch)  # the runner hands the same batch again
+    sub.flush()
+    assert keys(stored(tmp_path)) == [(DEV, s) for s in (1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12)]
+    assert keys(stored(tmp_path, 2)) == [(DEV, 9)]
+
+
 # -- hours, compression, index ---------------------------------------------------------
 
 

@@ -131,7 +131,9 @@ class ArchiveSubscriber(Subscriber):
         self._open: OrderedDict[Path, LiveFile] = OrderedDict()  # LRU of open fds
         self._dirty_dirs: set[Path] = set()
         self._saved_sizes: dict[str, int] = {}
-        self._needs_reload = False
+        # until the files are read back, what is in memory (highest seqs from a failed
+        # batch, say) must not be trusted: a reload that fails is tried again first
+        self._needs_reload = True
         self._next_checkpoint = 0.0
         self._next_retention = 0.0
         make_dirs(self.root)
@@ -143,6 +145,7 @@ class ArchiveSubscriber(Subscriber):
         self.highest: dict[str, int] = found.highest
         if found.full_scan:
             self._save_state()  # the .log files are fsynced by now
+        self._needs_reload = False
         if found.recovered:
             log.info(
                 "%s: %d entries found past the last checkpoint count as archived",
