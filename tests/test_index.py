@@ -429,6 +429,7 @@ def test_a_reader_sees_only_what_was_flushed(tmp_path):
 
 # -- end to end: frames in over TCP, the index through `query` ----------------------------------
 
+
 def test_every_frame_is_indexed_once_through_a_kill_9(daemon_factory, capsys):
     d = daemon_factory('[subscribers.idx]\ntype = "index"\n')
 
