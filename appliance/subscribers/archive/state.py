@@ -12,6 +12,7 @@ import logging
 import os
 import zlib
 from pathlib import Path
+from typing import Any
 
 from appliance.durable import decode_checked_json, write_checked_json
 
@@ -52,7 +53,7 @@ def load(path: Path, root: Path, name: str) -> tuple[dict[str, int], dict[str, i
         return {}, None
 
 
-def decode(raw: bytes):
+def decode(raw: bytes) -> Any:
     """The state object in either layout; ValueError if it does not check."""
     if raw.startswith(b"{"):  # JSON first: durable.py's layout
         return decode_checked_json(raw)

@@ -21,7 +21,7 @@ class BackendError(Exception):
     """A window could not be run (device timeout...): the batch comes again."""
 
 
-def require_numpy():
+def require_numpy() -> Any:
     try:
         import numpy
     except ImportError:
@@ -86,7 +86,7 @@ def open_backend(options: dict[str, Any], base_dir: Path | None = None) -> Backe
     raise InferenceError(f"inference: backend must be tflite or fpga, not {kind!r}")
 
 
-def option(options: dict[str, Any], key: str, kind: type, default):
+def option(options: dict[str, Any], key: str, kind: type, default: Any) -> Any:
     value = options.get(key, default)
     if kind is float and type(value) is int:
         value = float(value)

@@ -4,6 +4,7 @@ measurement of a backend alone (`python -m appliance.subscribers.inference`)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from appliance.subscribers.inference.backend import Backend, require_numpy
 
@@ -15,7 +16,7 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-def latency_summary(latencies_ms) -> dict[str, float]:
+def latency_summary(latencies_ms: Iterable[float]) -> dict[str, float]:
     values = sorted(latencies_ms)
     return {
         "windows": len(values),
