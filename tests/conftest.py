@@ -83,13 +83,7 @@ class Daemon:
         )
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
         offset = log.tell()
-        self.proc = subprocess.Popen(
-            self.command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
+        self.proc = self.spawn(env, log)
         log.close()
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
@@ -103,6 +97,12 @@ class Daemon:
             time.sleep(0.02)
         self.proc.kill()
         raise RuntimeError(f"daemon did not start:\n{self.log()}")
+
+    def spawn(self, env: dict[str, str], log) -> subprocess.Popen:
+        """Start the daemon process with this environment, output to `log`."""
+        return subprocess.Popen(
+            self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
