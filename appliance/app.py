@@ -115,7 +115,6 @@ def serve(config: Config) -> int:
     ensure_dev_identity(config, registry)
     store = open_store(config)
     server = Server(config, registry, store)
-    store.wakeup = server.wakeup
     addresses = server.bind()
     stats_endpoint.install(server, config)
     subscribers = install_subscribers(server, config, addresses[0])
@@ -138,5 +137,4 @@ def serve(config: Config) -> int:
         store.frames,
     )
     notifier.ready()  # READY=1: recovered and listening
-    server.run()
-    return 0
+    return server.run()

@@ -49,7 +49,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, float | None]]] = {
         "data_dir": (str, "./data", None),
         "segment_bytes": (int, 64 * 1024 * 1024, 1024 * 1024),
         "ring_bytes": (int, 16 * 1024 * 1024, 1024 * 1024),
-        "commit_delay": (float, 0.001, 0),
+        "commit_delay": (float, 0.0, 0),
         "commit_max_bytes": (int, 4 * 1024 * 1024, 65536),
         "checkpoint_bytes": (int, 32 * 1024 * 1024, 65536),
         "checkpoint_seconds": (float, 10.0, 0.1),

@@ -512,7 +512,7 @@ def test_context_for_a_real_server(tmp_path, tokens):
         assert Registry(tmp_path / "identities.json").get("bob").revoked
     finally:
         store.close()
-        server.selector.close()
+        server.epoll.close()
 
 
 def test_install_without_a_port_is_off(tmp_path):
@@ -555,7 +555,6 @@ registry.load()
 app.ensure_dev_identity(config, registry)
 store = app.open_store(config)
 server = Server(config, registry, store)
-store.wakeup = server.wakeup
 addresses = server.bind()
 install(
     server,

@@ -361,13 +361,17 @@ def test_every_failed_handshake_check_gives_the_same_auth_failed(daemon_factory)
         "uppercase nonce": lambda h: {**h, "nonce": h["nonce"].upper()},
         "short proof": lambda h: {**h, "proof": h["proof"][:-1]},
         "unknown mac": lambda h: {**h, "mac": "md5"},
-        "deeply nested": lambda h: b"[" * 30000 + b"]" * 30000,
+        "deeply nested": lambda h: b"[" * 2000 + b"]" * 2000,  # within HELLO_MAX_PAYLOAD
     }
     for name, mutate in malformed.items():
         peer = Peer(d)
         peer.hello(mutate)
         messages[name] = peer.expect_error(ErrorCode.AUTH_FAILED)
     assert len(set(messages.values())) == 1, messages
+    # a HELLO longer than a HELLO can be is refused from its header, before it is buffered
+    peer = Peer(d)
+    peer.hello(lambda h: {**h, "id": "x" * 60_000})
+    assert "4096 in this state" in peer.expect_error(ErrorCode.TOO_LARGE)
 
     # the same identities pass with what their policy allows
     peer = Peer(d, "m/fp", tokens["m/fp"], fingerprint=FP)

@@ -46,6 +46,7 @@ from appliance import app
 from appliance.auth.registry import Registry
 from appliance.config import load
 from appliance.net.server import Server
+from appliance.store.writer import Writer
 from hw import notify
 
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(name)s: %(message)s")
@@ -54,11 +55,9 @@ app.ensure_data_dir(config.data_dir)
 registry = Registry(app.registry_path(config.data_dir))
 registry.load()
 app.ensure_dev_identity(config, registry)
-store = app.open_store(config)
-
 wedge_fifo = os.environ.get("TEST_WEDGE_FIFO")
 disk_full = os.environ.get("TEST_DISK_FULL_FLAG")
-real_write = store._write
+real_write = Writer._write  # runs in the store's writer process, which inherits this
 wedged = []
 
 
@@ -76,14 +75,14 @@ def _write(*args, **kwargs):
     return real_write(*args, **kwargs)
 
 
-store._write = _write
+Writer._write = _write
+store = app.open_store(config)
 server = Server(config, registry, store)
-store.wakeup = server.wakeup
 host, port = server.bind()[0]
 notifier = notify.install(server, config)
 print(f"listening on {host}:{port}", flush=True)
 notifier.ready()
-server.run()
+sys.exit(server.run())
 """
 
 

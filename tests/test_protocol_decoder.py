@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appliance.protocol import crypto
-from appliance.protocol.decoder import FATAL, REJECT, FrameDecoder
+from appliance.protocol.decoder import FATAL, REJECT, FrameDecoder, Policy
 from appliance.protocol.frames import FrameType
 
 MAX = 256
@@ -66,9 +66,9 @@ def header(**kw):
 def decoder(max_payload=MAX, *, allowed=None, refuse_fatal=False, refuse_code="BAD_TYPE"):
     dec = FrameDecoder(max_payload)
     if allowed is not None:
-        dec.allowed = frozenset(allowed)
-        dec.refuse_fatal = refuse_fatal
-        dec.refuse_code = refuse_code
+        dec.policy = Policy(
+            allowed=frozenset(allowed), refuse_fatal=refuse_fatal, refuse_code=refuse_code
+        )
     return dec
 
 

@@ -397,7 +397,7 @@ def server(tmp_path):
     server = Server(config, registry, store)
     yield server
     store.close()
-    server.selector.close()
+    server.epoll.close()
 
 
 def test_snapshot_reads_the_server_and_store(server):
@@ -429,7 +429,7 @@ def test_snapshot_reads_the_server_and_store(server):
         "pending_bytes": 0,
         "capacity_bytes": 1 << 20,
         "fill": 0,
-        "pause_bytes": server.pending_max,
+        "pause_bytes": server.pause_bytes,
     }
     wal = snap["wal"]
     assert wal["segments"] == 1
@@ -534,7 +534,6 @@ registry.load()
 app.ensure_dev_identity(config, registry)
 store = app.open_store(config)
 server = Server(config, registry, store)
-store.wakeup = server.wakeup
 addresses = server.bind()
 endpoint.install(server, config)
 logging.getLogger("appliance").info(

@@ -1,20 +1,27 @@
-"""The selector loop: accepts cores, runs their sessions, stores DATA, sends ACKs.
+"""The loop: one thread, one epoll, every socket; it accepts cores, runs their
+sessions, appends DATA to the store's ring and sends the ACKs.
 
-One thread owns every socket. It never waits on the disk: the store's
-committer thread does the fdatasync and wakes the loop through a pipe, and the
-loop then acknowledges the newly durable frames. When the store falls behind
-(its ring is nearly full) or a peer stops reading its ACKs (`send_buffer_limit`),
-the loop stops reading from sockets, so the kernel's TCP window pushes back on
-the senders instead of memory growing here.
+It never waits on the disk: the store's writer process does the fdatasync,
+and its reply (on a socket in this same epoll) makes the loop acknowledge the
+newly durable frames, written straight to each socket. Whatever arrives while
+a commit runs goes into the next one. When the ring has no room for another
+read, or a peer does not read its ACKs (`send_buffer_limit`), the loop stops
+reading those sockets, so the kernel's TCP window pushes back on the senders
+instead of memory growing here.
+
+Timeouts live in a heap keyed by deadline, so the loop only ever looks at the
+connections whose deadline has come, never at all of them; the idle timeout
+is checked lazily (a read only stores the time, the timer re-arms itself).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import heapq
 import logging
 import os
-import selectors
+import select
 import signal
 import socket
 import ssl
@@ -26,19 +33,35 @@ from appliance.auth.handshake import authenticate
 from appliance.auth.registry import Registry, RegistryError
 from appliance.config import Config
 from appliance.net import sockets
-from appliance.net.connection import LINGER, Connection
+from appliance.net.connection import LINGER, Connection, Pause, Phase
 from appliance.protocol import crypto
-from appliance.protocol.frames import ErrorCode
-from appliance.protocol.session import BYE, CLOSED, DATA, HELLO, ServerSession, State
+from appliance.protocol.frames import ErrorCode, encode_ack
+from appliance.protocol.session import BYE, CLOSED, DATA, HELLO, ServerSession
+from appliance.store.ring import RESERVE as RING_RESERVE
 from appliance.store.segment import encode_frame_record
-from appliance.store.wal import Store
+from appliance.store.wal import Store, StoreError
 
 log = logging.getLogger("appliance.net")
 
-READ = selectors.EVENT_READ
-WRITE = selectors.EVENT_WRITE
-SWEEP_INTERVAL = 0.25  # timeouts, registry changes and accept retries are checked this often
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+EPOLL_FAIL = select.EPOLLERR | select.EPOLLHUP
+TICK = 0.25  # registry changes, extension hooks and accept retries are looked at this often
 STOP_GRACE = 1.5  # on SIGTERM: time allowed to commit and ACK before closing anyway
+MAX_EVENTS = 1024
+AUTH_LOG_EVERY = 1.0  # failed handshakes are logged at most once a second, with a count
+LOG_IDENT_MAX = 64  # identities in log lines are cut to this many characters
+
+_LISTENER = object()  # epoll registry tags for what is not a connection
+_WAKE = object()
+_STORE = object()
+
+
+def printable_ident(ident: object) -> str:
+    """An identity as it may appear in a log line: a peer chose it, so it is cut short
+    and shown with repr's escapes."""
+    text = repr(ident)
+    return text if len(text) <= LOG_IDENT_MAX else text[: LOG_IDENT_MAX - 3] + "..."
 
 
 class Server:
@@ -53,38 +76,39 @@ class Server:
         self.recv_bytes = srv["recv_bytes"]
         self.send_limit = srv["send_buffer_limit"]
         self.max_connections = srv["max_connections"]
-        # stop reading sockets while the ring has less room than a few reads can fill
-        self.pending_max = store.ring_bytes - 3 * self.recv_bytes
+        # pending ring bytes beyond which the loop stops reading (the ring's share of
+        # Store.space; a batch larger than commit_max_bytes stops reading earlier)
+        self.pause_bytes = store.ring_bytes - RING_RESERVE - self.recv_bytes
         self.tofu = config.auth["trust_on_first_use"]
-        self.selector = selectors.DefaultSelector()
+        self.epoll = select.epoll()
         self.conns: dict[int, Connection] = {}
         self.by_identity: dict[str, Connection] = {}
         self.accepted: dict[str, int] = dict(store.last_seq)  # replay window: highest stored seq
-        self.durable: dict[str, int] = dict(store.last_seq)
-        self.marks: dict[str, int] = {}  # this iteration's highest accepted seq per identity
-        # an insertion-ordered set: paused sockets resume oldest first, so none starves
+        self.durable: dict[str, int] = dict(store.last_seq)  # highest durable (ACKed) seq
+        # insertion-ordered sets: paused sockets resume oldest first, so none starves
         self.paused: dict[Connection, None] = {}
-        self.commit_waiting: set[Connection] = set()
+        self.commit_waiting: dict[Connection, None] = {}  # WELCOMING and DRAINING
         self.listeners: list[tuple[socket.socket, ssl.SSLContext | None]] = []
         # frames, bytes_in, replays, connections, nack.CODE, error.CODE (read by telemetry)
         self.counters: Counter[str] = Counter()
         self.frames_by_identity: Counter[str] = Counter()
         self.started = time.monotonic()
+        self.now = self.started  # the loop's clock, read once per iteration
         # extension points for telemetry, the console and the watchdog: they run in this loop
         self.sweep_hooks: list[Callable[[float], None]] = []
         self.subscriber_lags: Callable[[], dict[str, int]] = dict  # set by the subscriber manager
         self.stop_hooks: list[Callable[[], None]] = []
         self.stopping = False
+        self.exit_code = 0
+        self._tags: dict[int, object] = {}  # fd -> listener / wake / store / watched callback
+        self._timers: list[tuple[float, int, int]] = []  # (deadline, serial, fd)
+        self._serial = 0
         self._accepting = False
+        self._auth_failures = 0
+        self._auth_logged_at = 0.0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- set-up ---------------------------------------------------------------
-
-    def wakeup(self) -> None:
-        """Wake the loop from another thread (the committer)."""
-        # a full pipe means a wake-up is already pending
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"\0")
 
     def bind(self) -> list[tuple[str, int]]:
         """Open the listeners; returns their bound addresses."""
@@ -94,9 +118,18 @@ class Server:
         if tls["enabled"]:
             ctx = sockets.server_tls_context(tls["cert"], tls["key"])
             self.listeners.append((sockets.listen(self.config.tls_listen, srv["backlog"]), ctx))
-        self.selector.register(self._wake_r, READ, None)
+        self._register(self._wake_r, EPOLLIN, _WAKE)
+        self._register(self.store.fileno(), EPOLLIN, _STORE)
         self._set_accepting(True)
         return [lsock.getsockname()[:2] for lsock, _ in self.listeners]
+
+    def _register(self, fd: int, mask: int, tag: object) -> None:
+        self.epoll.register(fd, mask)
+        self._tags[fd] = tag
+
+    def _unregister(self, fd: int) -> None:
+        self.epoll.unregister(fd)
+        del self._tags[fd]
 
     def _set_accepting(self, on: bool) -> None:
         if on == self._accepting:
@@ -104,62 +137,86 @@ class Server:
         self._accepting = on
         for lsock, ctx in self.listeners:
             if on:
-                self.selector.register(lsock, READ, (lsock, ctx))
+                self._register(lsock.fileno(), EPOLLIN, (_LISTENER, lsock, ctx))
             else:
-                self.selector.unregister(lsock)
+                self._unregister(lsock.fileno())
 
     # -- the loop ---------------------------------------------------------------
 
-    def run(self) -> None:
+    def run(self) -> int:
+        """Serve until SIGTERM / SIGINT; the exit code."""
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        next_sweep = time.monotonic() + SWEEP_INTERVAL
-        stop_deadline = None
-        select = self.selector.select
+        poll = self.epoll.poll
+        conns = self.conns
+        tags = self._tags
         store = self.store
+        timers = self._timers
+        monotonic = time.monotonic
+        next_tick = monotonic() + TICK
+        stop_deadline = None
         while True:
-            timeout = max(0.0, next_sweep - time.monotonic())
-            for key, mask in select(timeout):
-                data = key.data
-                if data is None:
-                    self._drain_wakeups()
-                elif type(data) is Connection:
-                    try:
-                        if mask & WRITE:
-                            self._on_writable(data)
-                        if mask & READ and data.fd in self.conns:
-                            self._on_readable(data)
-                    except Exception:
-                        # a bug must cost one connection, not every core's
-                        log.exception(
-                            "conn %s (%s): internal error; closing", data.addr, data.identity
-                        )
-                        self._close(data)
-                elif type(data) is tuple:
-                    self._accept(*data)
-                else:
-                    self._run_hooks((data,), mask)  # a watched file: stats socket, console
-            if self.marks:
-                store.submit()
-                self.marks = {}
+            timeout = next_tick - self.now
+            if timers and timers[0][0] - self.now < timeout:
+                timeout = timers[0][0] - self.now
+            due = store.commit_due()
+            if due is not None and due - self.now < timeout:
+                timeout = due - self.now
+            events = poll(max(timeout, 0.0), MAX_EVENTS)
+            self.now = now = monotonic()
+            for fd, mask in events:
+                conn = conns.get(fd)
+                if conn is None:
+                    self._on_other(tags.get(fd), mask)
+                    continue
+                try:
+                    if mask & EPOLLOUT:
+                        self._on_writable(conn)
+                    if mask & (EPOLLIN | EPOLL_FAIL) and conn.phase is not Phase.CLOSED:
+                        self._on_readable(conn, mask)
+                except Exception:
+                    # a bug must cost one connection, not every core's
+                    log.exception(
+                        "conn %s (%s): internal error; closing",
+                        conn.addr,
+                        printable_ident(conn.identity),
+                    )
+                    self._close(conn)
+            store.submit(now)
+            while timers and timers[0][0] <= now:
+                self._on_timer(heapq.heappop(timers))
             if self.stopping:
                 if stop_deadline is None:  # the signal came in during this iteration
                     stop_deadline = self._begin_stop()
-                if store.pending_bytes() == 0 and not self.commit_waiting:
+                if (store.pending_bytes() == 0 and not self.commit_waiting) or self.exit_code:
                     self._finish_stop()
-                    return
-                if time.monotonic() > stop_deadline:
+                    return self.exit_code
+                if now > stop_deadline:
                     log.warning("stop: commit still running after %.1f s; closing", STOP_GRACE)
                     self._finish_stop()
-                    return
-            now = time.monotonic()
-            if now >= next_sweep:
-                self._sweep(now)
-                next_sweep = now + SWEEP_INTERVAL
+                    return self.exit_code
+            if now >= next_tick:
+                self._tick(now)
+                next_tick = now + TICK
 
     def _on_signal(self, signum, frame) -> None:
         self.stopping = True
+
+    def _on_other(self, tag: object, mask: int) -> None:
+        if tag is _STORE:
+            self._on_store()
+        elif tag is _WAKE:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._wake_r, 4096):
+                    pass
+        elif type(tag) is tuple:
+            self._accept(tag[1], tag[2])
+        elif tag is not None:  # a watched file: stats socket, console
+            selector_mask = (1 if mask & (EPOLLIN | EPOLL_FAIL) else 0) | (
+                2 if mask & EPOLLOUT else 0
+            )
+            self._run_hooks((tag,), selector_mask)
 
     # -- for the extensions (all called on the loop thread) ---------------------
 
@@ -172,14 +229,13 @@ class Server:
                 log.exception("extension %r failed", hook)
 
     def watch(self, fileobj, events: int, callback: Callable[[int], None]) -> None:
-        """Run `callback(mask)` in the loop when `fileobj` is ready."""
-        self.selector.register(fileobj, events, callback)
+        """Run `callback(mask)` in the loop when `fileobj` is ready (selectors' masks)."""
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        mask = (EPOLLIN if events & 1 else 0) | (EPOLLOUT if events & 2 else 0)
+        self._register(fd, mask, callback)
 
     def unwatch(self, fileobj) -> None:
-        self.selector.unregister(fileobj)
-
-    def connection_for(self, ident: str) -> Connection | None:
-        return self.by_identity.get(ident)
+        self._unregister(fileobj if isinstance(fileobj, int) else fileobj.fileno())
 
     def disconnect(self, ident: str) -> bool:
         """Close an identity's connection at once (the console's kick); False if none."""
@@ -199,71 +255,71 @@ class Server:
         for lsock, _ in self.listeners:
             lsock.close()
         for conn in list(self.conns.values()):
-            self._pause(conn)
+            self._pause(conn, Pause.STOPPING)
         return time.monotonic() + STOP_GRACE
 
     def _finish_stop(self) -> None:
-        self._drain_wakeups()
+        with contextlib.suppress(StoreError):
+            self._on_store()
         self._run_hooks(self.stop_hooks)
         for conn in list(self.conns.values()):
-            conn.flush()
+            with contextlib.suppress(OSError):
+                conn.write(b"")
             self._close(conn)
         self.store.close()
-        self.selector.close()
+        self.epoll.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
         log.info("stop: done")
 
     # -- acknowledgements -------------------------------------------------------
 
-    def _drain_wakeups(self) -> None:
+    def _on_store(self) -> None:
+        """The writer made batches durable (or has news): ACK, answer the waiting."""
         try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+            batches = self.store.completed()
+        except StoreError as exc:
+            if not self.exit_code:
+                log.error("store: %s; stopping", exc)
+            self.exit_code = 1
+            self.stopping = True
+            return
         durable = self.durable
         by_identity = self.by_identity
-        for marks in self.store.completed():
+        for marks in batches:
             for ident, seq in marks.items():
-                if seq > durable.get(ident, 0):
-                    durable[ident] = seq
+                durable[ident] = seq
                 conn = by_identity.get(ident)
                 # not before WELCOME (it carries last_seq), not after ERROR or BYE
-                if conn is not None and conn.session.state is State.OPEN:
-                    conn.session.send_ack(durable[ident])
-                    self._flush(conn)
-        for conn in list(self.commit_waiting):
-            if self._committed(conn.identity):
-                self.commit_waiting.discard(conn)
-                then, conn.commit_wait = conn.commit_wait, None
-                if then == "bye":
-                    self._final_ack(conn)
-                else:
-                    self._welcome(conn)
-        self._resume_paused()
+                if conn is not None and conn.phase is Phase.OPEN:
+                    self._send(conn, encode_ack(seq))
+        if self.commit_waiting:
+            for conn in list(self.commit_waiting):
+                if self._committed(conn.identity):
+                    del self.commit_waiting[conn]
+                    if conn.phase is Phase.WELCOMING:
+                        self._welcome(conn)
+                    else:
+                        self._final_ack(conn)
+        self._resume_store_paused()
 
-    def _resume_paused(self) -> None:
-        """Read again from paused sockets once the ring has room. A core refused with BUSY
-        is read again at most once per sweep or commit while the store stays full."""
-        store = self.store
+    def _resume_store_paused(self) -> None:
+        """Read again from sockets paused for the store once the ring has room. A core
+        refused with BUSY is read again at most once per commit or tick while the store
+        stays full."""
         if not self.paused or self.stopping:
             return
+        store = self.store
         # while commits fail, read anyway: the frames get BUSY instead of waiting unanswered
-        if store.pending_bytes() > self.pending_max // 2 and store.commit_error is None:
+        if store.space() < self.recv_bytes and store.commit_error is None:
             return
         for conn in list(self.paused):
-            if conn.commit_wait is None and len(conn.out) <= self.send_limit:
-                self._resume(conn)
+            if Pause.STORE in conn.pauses:
+                self._resume(conn, Pause.STORE)
 
     def _committed(self, ident: str) -> bool:
         """Whether every frame accepted for `ident` is durable."""
-        return ident not in self.marks and self.durable.get(ident, 0) >= self.accepted.get(ident, 0)
-
-    def _wait_commit(self, conn: Connection, then: str) -> None:
-        conn.commit_wait = then
-        self.commit_waiting.add(conn)
-        self._pause(conn)
+        return self.durable.get(ident, 0) >= self.accepted.get(ident, 0)
 
     # -- accept -----------------------------------------------------------------
 
@@ -278,7 +334,7 @@ class Server:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept: %s; pausing accept until the next sweep", exc.strerror)
+                    log.error("accept: %s; pausing accept until the next tick", exc.strerror)
                     self._set_accepting(False)
                 return
             try:
@@ -295,94 +351,123 @@ class Server:
                 idle_timeout=self.idle_timeout,
                 counters=self.counters,
             )
-            conn = Connection(sock, addr, session, time.monotonic() + self.handshake_timeout)
+            self._serial += 1
+            conn = Connection(
+                sock,
+                addr,
+                session,
+                self._serial,
+                self.now + self.handshake_timeout,
+                Phase.TLS if ctx is not None else Phase.HANDSHAKE,
+            )
             self.conns[conn.fd] = conn
             self.counters["connections"] += 1
-            if conn.tls_pending:
+            self._arm(conn)
+            if conn.phase is Phase.TLS:
                 self._tls_handshake(conn)
             else:
-                self._flush(conn)
-                self._interest(conn, READ | (WRITE if conn.out else 0))
+                self._flush_session(conn)
+                self._update(conn)
 
     def _tls_handshake(self, conn: Connection) -> None:
         try:
             conn.sock.do_handshake()
         except ssl.SSLWantReadError:
-            self._interest(conn, READ)
+            self._set_events(conn, EPOLLIN)
             return
         except ssl.SSLWantWriteError:
-            self._interest(conn, WRITE)
+            self._set_events(conn, EPOLLOUT)
             return
         except (ssl.SSLError, OSError) as exc:
             log.info("tls: handshake with %s failed: %s", conn.addr, exc)
             self._close(conn)
             return
-        conn.tls_pending = False
-        self._flush(conn)
-        self._interest(conn, READ | (WRITE if conn.out else 0))
+        conn.move(Phase.HANDSHAKE)
+        self._flush_session(conn)
+        self._update(conn)
 
     # -- I/O --------------------------------------------------------------------
 
-    def _interest(self, conn: Connection, events: int) -> None:
+    def _set_events(self, conn: Connection, events: int) -> None:
         if events == conn.events:
             return
         if conn.events == 0:
-            self.selector.register(conn.sock, events, conn)
+            self.epoll.register(conn.fd, events)
         elif events == 0:
-            self.selector.unregister(conn.sock)
+            self.epoll.unregister(conn.fd)
         else:
-            self.selector.modify(conn.sock, events, conn)
+            self.epoll.modify(conn.fd, events)
         conn.events = events
 
-    def _want(self, conn: Connection) -> int:
-        events = 0 if conn.paused else READ
+    def _update(self, conn: Connection) -> None:
+        """Register the interest the connection's phase, pauses and output call for."""
+        if conn.phase is Phase.TLS:
+            return  # the TLS handshake decides
+        events = EPOLLIN if conn.reading() else 0
         if conn.out and not conn.shut:
-            events |= WRITE
-        return events
+            events |= EPOLLOUT
+        if events != conn.events:
+            self._set_events(conn, events)
 
-    def _flush(self, conn: Connection) -> None:
+    def _send(self, conn: Connection, data: bytes | bytearray) -> None:
+        """Write to the peer now; what the socket does not take waits for EPOLLOUT."""
         try:
-            empty = conn.flush()
+            conn.write(data)
         except OSError:
             self._close(conn)
             return
-        if empty and conn.closing and conn.commit_wait is None and not conn.shut:
+        if conn.out:
+            if len(conn.out) > self.send_limit:
+                self._pause(conn, Pause.SEND)  # the peer does not read: stop reading it
+            else:
+                self._update(conn)
+        elif conn.phase is Phase.CLOSING and not conn.shut:
             conn.shutdown_write()  # after the ERROR or the final ACK, not before
-        if len(conn.out) > self.send_limit and not conn.paused:
-            self._pause(conn)  # the peer does not read: stop reading it until it does
-        self._interest(conn, self._want(conn))
 
-    def _pause(self, conn: Connection) -> None:
-        conn.paused = True
+    def _flush_session(self, conn: Connection) -> None:
+        out = conn.session.data_to_send()
+        if out:
+            self._send(conn, out)
+
+    def _pause(self, conn: Connection, reason: Pause) -> None:
+        conn.pauses.add(reason)
         self.paused[conn] = None
-        self._interest(conn, self._want(conn))
+        self._update(conn)
 
-    def _resume(self, conn: Connection) -> None:
-        conn.paused = False
-        self.paused.pop(conn, None)
-        self._interest(conn, self._want(conn))
+    def _resume(self, conn: Connection, reason: Pause) -> None:
+        conn.pauses.discard(reason)
+        if not conn.pauses:
+            self.paused.pop(conn, None)
+        self._update(conn)
 
     def _on_writable(self, conn: Connection) -> None:
-        if conn.tls_pending:
+        if conn.phase is Phase.TLS:
             self._tls_handshake(conn)
             return
-        self._flush(conn)
-        if (
-            conn.paused
-            and conn.commit_wait is None
-            and len(conn.out) <= self.send_limit // 2
-            and self.store.pending_bytes() <= self.pending_max
-            and not self.stopping
-        ):
-            self._resume(conn)
+        self._send(conn, b"")
+        if conn.phase is Phase.CLOSED:
+            return
+        if Pause.SEND in conn.pauses and len(conn.out) <= self.send_limit // 2:
+            self._resume(conn, Pause.SEND)
+        else:
+            self._update(conn)
 
-    def _on_readable(self, conn: Connection) -> None:
-        if conn.tls_pending:
+    def _on_readable(self, conn: Connection, mask: int) -> None:
+        phase = conn.phase
+        if phase is Phase.TLS:
             self._tls_handshake(conn)
+            return
+        if not conn.reading():
+            if mask & EPOLL_FAIL:
+                self._close(conn)  # hung up while we were not reading
             return
         store = self.store
-        if not conn.closing and store.pending_bytes() > self.pending_max and not store.commit_error:
-            self._pause(conn)  # the store is behind: leave the bytes in the kernel
+        if (
+            phase is not Phase.CLOSING
+            and store.space() < self.recv_bytes
+            and store.commit_error is None
+        ):
+            self._pause(conn, Pause.STORE)  # the store is behind: leave the bytes in the kernel
             return
         try:
             data = conn.recv(self.recv_bytes)
@@ -395,31 +480,37 @@ class Server:
             self._close(conn)
             return
         self.counters["bytes_in"] += len(data)
-        if conn.closing:
+        if phase is Phase.CLOSING:
             return  # discarded: the ERROR (or final ACK) is on its way
-        self._handle(conn, conn.session.receive_data(data))
-        if conn.fd in self.conns:
-            self._flush(conn)
+        session = conn.session
+        seen = session.frames_seen
+        events = session.receive_data(data)
+        if session.frames_seen != seen:
+            conn.active = self.now
+        if events:
+            if phase is Phase.OPEN and events[-1][0] == DATA:
+                self._store_data(conn, events)  # the common case: only DATA
+            else:
+                self._handle(conn, events)
+        if conn.phase is not Phase.CLOSED:
+            self._flush_session(conn)
 
     # -- protocol events ----------------------------------------------------------
 
     def _handle(self, conn: Connection, events: list[tuple]) -> None:
         """DATA events first; a HELLO, BYE or CLOSED can only be the last event."""
-        if not events:
-            return
         last_event = events[-1]
-        if last_event[0] != DATA:
+        kind = last_event[0]
+        if kind != DATA:
             events = events[:-1]
         if events:
             self._store_data(conn, events)
-        kind = last_event[0]
         if kind == HELLO:
-            self._on_hello(conn, last_event[1])
+            self._on_hello(conn, last_event.hello)
         elif kind == BYE:
-            conn.closing = True
             self._on_bye(conn)
         elif kind == CLOSED:
-            self._begin_close(conn, last_event[1])
+            self._begin_close(conn, last_event.code)
 
     def _store_data(self, conn: Connection, events: list[tuple]) -> None:
         """Replay window, scope and storage state per frame; one ring append per read."""
@@ -427,16 +518,17 @@ class Server:
         before = last = self.accepted.get(ident, 0)
         session = conn.session
         replay = False
-        busy = self._busy()
+        busy = self.store.commit_error is not None  # the disk refuses writes
         recv_ns = time.time_ns()
         ident_bytes = conn.ident_bytes
+        scope = conn.scope
         records: list[bytes] = []
         seqs: list[int] = []
         for _, channel, seq, ts_ns, payload in events:
             if seq <= last:
                 replay = True
                 self.counters["replays"] += 1
-            elif channel not in conn.scope:
+            elif channel not in scope:
                 session.send_nack(seq, ErrorCode.DENIED, f"channel {channel} not in scope")
             elif busy:
                 session.send_nack(seq, ErrorCode.BUSY, "storage cannot take the frame now")
@@ -449,17 +541,17 @@ class Server:
         if records:
             stored = self.store.append(records, ident, seqs)
             if stored < len(records):
+                # a full store (quota, free-space floor): what needs a new segment is refused
                 for seq in seqs[stored:]:
                     session.send_nack(seq, ErrorCode.BUSY, "storage cannot take the frame now")
-                self._pause(conn)  # until the ring drains or space returns
+                self._pause(conn, Pause.STORE)  # until the ring drains or space returns
                 last = seqs[stored - 1] if stored else before
             if stored:
                 self.accepted[ident] = last
-                self.marks[ident] = last
                 self.counters["frames"] += stored
                 self.frames_by_identity[ident] += stored
         elif busy:
-            self._pause(conn)
+            self._pause(conn, Pause.STORE)
         if replay:
             session.send_ack(self.durable.get(ident, 0))
 
@@ -469,7 +561,7 @@ class Server:
             self.registry, hello, conn.session.nonce, trust_on_first_use=self.tofu
         )
         if identity is None:
-            log.info("auth: failed for %r from %s", hello.get("id"), conn.addr)
+            self._log_auth_failure(hello.get("id"), conn.addr)
             self._fail(conn, ErrorCode.AUTH_FAILED, "authentication failed")
             return
         ident = identity.id
@@ -483,60 +575,95 @@ class Server:
         if self._committed(ident):
             self._welcome(conn)
         else:
-            self._wait_commit(conn, "welcome")  # WELCOME's last_seq must be durable
+            conn.move(Phase.WELCOMING)  # WELCOME's last_seq must be durable
+            conn.deadline = float("inf")
+            self.commit_waiting[conn] = None
+            self._update(conn)
+
+    def _log_auth_failure(self, ident: object, addr) -> None:
+        """One line per AUTH_LOG_EVERY at most: a flood of bad HELLOs costs no log volume."""
+        self._auth_failures += 1
+        if self.now - self._auth_logged_at < AUTH_LOG_EVERY:
+            return
+        more = self._auth_failures - 1
+        log.info(
+            "auth: failed for %s from %s%s",
+            printable_ident(ident),
+            addr,
+            f" (and {more} more since the last line)" if more else "",
+        )
+        self._auth_failures = 0
+        self._auth_logged_at = self.now
 
     def _welcome(self, conn: Connection) -> None:
         identity = self.registry.get(conn.identity)
         if identity is None or identity.revoked:
             self._fail(conn, ErrorCode.REVOKED, "identity revoked")
             return
-        conn.deadline = time.monotonic() + (self.idle_timeout or float("inf"))
+        conn.move(Phase.OPEN)
+        conn.active = self.now
+        if self.idle_timeout:
+            conn.deadline = self.now + self.idle_timeout
+            self._arm(conn)
+        else:
+            conn.deadline = float("inf")
         last = self.durable.get(conn.identity, 0)
         events = conn.session.accept(identity.secret, last, sorted(identity.channels))
-        if conn.paused and not self.stopping:
-            self._resume(conn)
-        self._handle(conn, events)
-        self._flush(conn)
+        if events:
+            self._handle(conn, events)
+        if conn.phase is not Phase.CLOSED:
+            self._flush_session(conn)
+            self._update(conn)
 
     def _on_bye(self, conn: Connection) -> None:
         """BYE: commit, ACK the durable seq (even if unchanged), then close."""
         if self._committed(conn.identity):
             self._final_ack(conn)
         else:
-            self._wait_commit(conn, "bye")
+            conn.move(Phase.DRAINING)
+            conn.deadline = float("inf")
+            self.commit_waiting[conn] = None
+            self._update(conn)
 
     def _final_ack(self, conn: Connection) -> None:
+        conn.move(Phase.CLOSING)
+        conn.deadline = self.now + LINGER
+        self._arm(conn)
         conn.session.send_ack(self.durable.get(conn.identity, 0))
-        conn.deadline = time.monotonic() + LINGER
-        self._flush(conn)
-
-    def _busy(self) -> bool:
-        """Whether new DATA gets NACK BUSY: the disk refuses writes. (A full store refuses
-        in append, when a frame would need a new segment.)"""
-        return self.store.commit_error is not None
+        self._flush_session(conn)
+        self._update(conn)
 
     def _fail(self, conn: Connection, code: str, message: str) -> None:
         """Send ERROR `code` and close the connection the way PROTOCOL.md §7 says."""
         conn.session.fail(code, message)
         self._begin_close(conn, code)
-        self._flush(conn)
+        self._flush_session(conn)
 
     def _begin_close(self, conn: Connection, code: str) -> None:
-        conn.closing = True
-        conn.commit_wait = None
-        self.commit_waiting.discard(conn)
-        conn.deadline = time.monotonic() + LINGER
+        if conn.phase is Phase.CLOSED:
+            return
+        if conn.phase is not Phase.CLOSING:
+            conn.move(Phase.CLOSING)
+        self.commit_waiting.pop(conn, None)
+        conn.deadline = self.now + LINGER
+        self._arm(conn)
         if code != ErrorCode.AUTH_FAILED:
-            log.info("conn %s (%s): closing with %s", conn.addr, conn.identity, code)
+            log.info(
+                "conn %s (%s): closing with %s", conn.addr, printable_ident(conn.identity), code
+            )
+        if conn.phase is not Phase.CLOSED:
+            self._update(conn)
 
     def _close(self, conn: Connection) -> None:
-        if self.conns.pop(conn.fd, None) is None:
+        if conn.phase is Phase.CLOSED:
             return
+        conn.move(Phase.CLOSED)
+        del self.conns[conn.fd]
         if conn.events:
-            self.selector.unregister(conn.sock)
+            self.epoll.unregister(conn.fd)
             conn.events = 0
         self.paused.pop(conn, None)
-        self.commit_waiting.discard(conn)
+        self.commit_waiting.pop(conn, None)
         if conn.identity is not None and self.by_identity.get(conn.identity) is conn:
             del self.by_identity[conn.identity]
         conn.sock.close()
@@ -545,25 +672,46 @@ class Server:
 
     # -- timers -------------------------------------------------------------------
 
-    def _sweep(self, now: float) -> None:
+    def _arm(self, conn: Connection) -> None:
+        """Make the connection's current deadline fire. Entries of an earlier deadline
+        stay in the heap and are skipped when they come up; the heap is rebuilt when
+        such stale entries outnumber the connections."""
+        heapq.heappush(self._timers, (conn.deadline, conn.serial, conn.fd))
+        if len(self._timers) > 2 * len(self.conns) + 1024:
+            self._timers = [t for t in self._timers if self._current(t) is not None]
+            heapq.heapify(self._timers)
+
+    def _current(self, timer: tuple[float, int, int]) -> Connection | None:
+        """The connection a timer entry belongs to, if the entry is its current deadline."""
+        when, serial, fd = timer
+        conn = self.conns.get(fd)
+        if conn is None or conn.serial != serial or conn.deadline != when:
+            return None
+        return conn
+
+    def _on_timer(self, timer: tuple[float, int, int]) -> None:
+        conn = self._current(timer)
+        if conn is None:
+            return
+        phase = conn.phase
+        if phase is Phase.CLOSING:
+            self._close(conn)
+        elif phase is Phase.OPEN:
+            idle_until = conn.active + self.idle_timeout
+            if idle_until > self.now:  # it was active since: look again then
+                conn.deadline = idle_until
+                self._arm(conn)
+            else:
+                self._fail(conn, ErrorCode.TIMEOUT, "idle past the idle timeout")
+        elif phase in (Phase.TLS, Phase.HANDSHAKE):
+            self._fail(conn, ErrorCode.TIMEOUT, "no HELLO within the handshake timeout")
+
+    def _tick(self, now: float) -> None:
         self._reload_registry()
-        self._resume_paused()  # also after BUSY, when no commit wakes the loop
+        self._resume_store_paused()  # also after BUSY, when no commit wakes the loop
         self._run_hooks(self.sweep_hooks, now)
         if not self._accepting and not self.stopping and len(self.conns) < self.max_connections:
             self._set_accepting(True)
-        idle = self.idle_timeout
-        for conn in list(self.conns.values()):
-            seen = conn.session.frames_seen
-            if seen != conn.seen and conn.session.state is State.OPEN and not conn.closing:
-                conn.seen = seen
-                conn.deadline = now + idle if idle else float("inf")
-            elif now >= conn.deadline:
-                if conn.closing:
-                    self._close(conn)
-                elif conn.session.state is not State.OPEN:
-                    self._expire(conn, "no HELLO within the handshake timeout")
-                else:
-                    self._expire(conn, "idle past the idle timeout")
 
     def _reload_registry(self) -> None:
         """Pick up identity changes (one stat when nothing changed); close revoked ones."""
@@ -574,9 +722,5 @@ class Server:
             return
         for ident in revoked:
             conn = self.by_identity.get(ident)
-            if conn is not None and not conn.closing:
+            if conn is not None and conn.phase is not Phase.CLOSING:
                 self._fail(conn, ErrorCode.REVOKED, "identity revoked")
-
-    def _expire(self, conn: Connection, message: str) -> None:
-        if conn.commit_wait is None:  # not when it waits on our own commit
-            self._fail(conn, ErrorCode.TIMEOUT, message)

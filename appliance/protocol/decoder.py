@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import dataclass
 from hmac import compare_digest
 
 from appliance.protocol.crypto import MacFn
@@ -36,33 +37,50 @@ from appliance.protocol.frames import (
     MAGIC,
     VERSION,
     ErrorCode,
+    FrameType,
 )
 
+DATA = FrameType.DATA.value
 REJECT = -1
 FATAL = -2
 
 _CRC = struct.Struct(">I")
 
 
-class FrameDecoder:
-    """Splits a byte stream into frames. Its attributes are the admission policy.
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What the decoder admits in one state of the connection.
 
-    allowed:       frame types admitted in the current state (None: every type)
+    allowed:       frame types admitted (None: every type)
     refuse_code:   what an unadmitted type gets
     refuse_fatal:  whether that ends the stream (ERROR) or drops one frame (NACK)
-    mac_fn:        the session MAC, or None; frames must carry FLAG_MAC exactly when set
     mac_fatal:     a MAC flag where none is expected ends the stream (before WELCOME)
     stop_types:    after one of these the decoder holds further bytes until `resume`
+    max_payload:   a tighter bound for admitted types, checked after the type (None: none)
     """
+
+    allowed: frozenset[int] | None = None
+    refuse_code: str = ErrorCode.BAD_TYPE
+    refuse_fatal: bool = False
+    mac_fatal: bool = False
+    stop_types: frozenset[int] = frozenset()
+    max_payload: int | None = None
+
+
+ADMIT_ALL = Policy()
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames under an admission `policy` (a Policy) and,
+    after WELCOME, the session MAC `mac_fn` (frames must carry FLAG_MAC exactly when set)."""
 
     def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         self.max_payload = max_payload
-        self.allowed: frozenset[int] | None = None  # None admits every type
-        self.refuse_code = ErrorCode.BAD_TYPE
-        self.refuse_fatal = False
+        self.policy = ADMIT_ALL
         self.mac_fn: MacFn | None = None
-        self.mac_fatal = False
-        self.stop_types: frozenset[int] = frozenset()
+        # items other than admitted DATA frames in the last feed (0: the caller may pass
+        # the list on as it is)
+        self.others = 0
         self._buf = bytearray()
         self._skip = 0
         self._held = False
@@ -88,6 +106,7 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[tuple]:
         out: list[tuple] = []
+        self.others = 0
         if self._dead:
             return out
         if self._skip:
@@ -107,10 +126,13 @@ class FrameDecoder:
 
         end = len(src)
         pos = 0
+        policy = self.policy
         max_payload = self.max_payload
-        allowed = self.allowed
+        state_max = policy.max_payload
+        allowed = policy.allowed
         mac_fn = self.mac_fn
-        stop_types = self.stop_types
+        stop_types = policy.stop_types
+        others = 0
         unpack_header = HEADER.unpack_from
         unpack_crc = _CRC.unpack_from
         crc32 = zlib.crc32
@@ -130,23 +152,29 @@ class FrameDecoder:
                 has_mac = flags & FLAG_MAC
                 size = HEADER_SIZE + length + CRC_SIZE + (MAC_SIZE if has_mac else 0)
                 if allowed is not None and ftype not in allowed:
-                    if self.refuse_fatal:
+                    if policy.refuse_fatal:
                         return self._fatal(
-                            out, self.refuse_code, f"frame type {ftype:#04x} not allowed now"
+                            out, policy.refuse_code, f"frame type {ftype:#04x} not allowed now"
                         )
-                    out.append((REJECT, self.refuse_code, seq))
+                    others += 1
+                    out.append((REJECT, policy.refuse_code, seq))
                     if end - pos < size:
                         self._skip = size - (end - pos)
                         pos = end
                         break
                     pos += size
                     continue
-                if has_mac and self.mac_fatal:
-                    return self._fatal(out, self.refuse_code, "a MAC trailer before WELCOME")
+                if state_max is not None and length > state_max:
+                    return self._fatal(
+                        out, ErrorCode.TOO_LARGE, f"length {length} > {state_max} in this state"
+                    )
+                if has_mac and policy.mac_fatal:
+                    return self._fatal(out, policy.refuse_code, "a MAC trailer before WELCOME")
                 if end - pos < size:
                     break
                 body_end = pos + HEADER_SIZE + length
                 if crc32(mv[pos:body_end]) != unpack_crc(src, body_end)[0]:
+                    others += 1
                     out.append((REJECT, ErrorCode.BAD_CRC, seq))
                     pos += size
                     continue
@@ -154,18 +182,23 @@ class FrameDecoder:
                     if not has_mac or not compare_digest(
                         mac_fn(mv[pos : body_end + CRC_SIZE]), mv[body_end + CRC_SIZE : pos + size]
                     ):
+                        others += 1
                         out.append((REJECT, ErrorCode.BAD_MAC, seq))
                         pos += size
                         continue
                 elif has_mac:
+                    others += 1
                     out.append((REJECT, ErrorCode.BAD_MAC, seq))
                     pos += size
                     continue
                 out.append((ftype, channel, seq, ts_ns, bytes(mv[pos + HEADER_SIZE : body_end])))
+                if ftype != DATA:
+                    others += 1
                 pos += size
                 if ftype in stop_types:
                     self._held = True
                     break
+        self.others = others
         if pos == 0:
             if src is data and data:
                 self._buf = bytearray(data)
@@ -176,6 +209,7 @@ class FrameDecoder:
         return out
 
     def _fatal(self, out: list[tuple], code: str, message: str) -> list[tuple]:
+        self.others = 1
         out.append((FATAL, code, message))
         self.close()
         return out

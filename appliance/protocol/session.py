@@ -5,11 +5,12 @@ received bytes to `receive_data`, acts on the events it returns, and sends
 whatever `data_to_send` hands back. Identity lookup and the proof check belong
 to the caller (auth/); it answers a `Hello` with `accept` or `fail`.
 
-Events (tuples, first item the kind):
-    (DATA, channel, seq, ts_ns, payload)   a verified DATA frame
-    (HELLO, hello)                         a well-formed HELLO; decoding waits for accept/fail
-    (BYE,)                                 the client said BYE; nothing more is decoded
-    (CLOSED, code, message)                the session ended with ERROR `code` (already queued)
+Events are tuples whose first item is the kind; all but DATA are typed
+(NamedTuples, so they still compare and index as tuples):
+    (DATA, channel, seq, ts_ns, payload)   a verified DATA frame (a plain tuple: the hot path)
+    Hello(HELLO, hello)                    a well-formed HELLO; decoding waits for accept/fail
+    Bye(BYE)                               the client said BYE; nothing more is decoded
+    Closed(CLOSED, code, message)          the session ended with ERROR `code` (already queued)
 
 PING is answered with PONG here, unsolicited PONGs are dropped, and bad frames
 get their NACK here; the caller only sees that the peer was active
@@ -22,9 +23,10 @@ import json
 import re
 from collections import Counter
 from enum import Enum
+from typing import NamedTuple
 
 from appliance.protocol import crypto
-from appliance.protocol.decoder import FATAL, REJECT, FrameDecoder
+from appliance.protocol.decoder import FATAL, REJECT, FrameDecoder, Policy
 from appliance.protocol.frames import (
     DEFAULT_MAX_PAYLOAD,
     ErrorCode,
@@ -45,8 +47,38 @@ _HEX32 = re.compile(r"[0-9a-f]{32}")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _HELLO_KEYS = {"id": str, "nonce": str, "fingerprint": str, "mac": str, "proof": str}
 
-_BEFORE_WELCOME = frozenset({FrameType.HELLO, FrameType.PING})
-_AFTER_WELCOME = frozenset({FrameType.DATA, FrameType.PING, FrameType.PONG, FrameType.BYE})
+# A HELLO is a few hundred bytes (PROTOCOL.md bounds its fields); before WELCOME nobody
+# may make the server buffer more than that, whatever max_payload says.
+HELLO_MAX_PAYLOAD = 4096
+
+BEFORE_WELCOME = Policy(
+    allowed=frozenset({FrameType.HELLO, FrameType.PING}),
+    refuse_code=ErrorCode.UNAUTHENTICATED,
+    refuse_fatal=True,
+    mac_fatal=True,
+    stop_types=frozenset({FrameType.HELLO, FrameType.BYE}),
+    max_payload=HELLO_MAX_PAYLOAD,
+)
+AFTER_WELCOME = Policy(
+    allowed=frozenset({FrameType.DATA, FrameType.PING, FrameType.PONG, FrameType.BYE}),
+    stop_types=frozenset({FrameType.BYE}),
+)
+
+
+class Hello(NamedTuple):
+    kind: int
+    hello: dict
+
+
+class Bye(NamedTuple):
+    kind: int
+
+
+class Closed(NamedTuple):
+    kind: int
+    code: str
+    message: str
+
 
 _NACK_MESSAGES = {
     ErrorCode.BAD_CRC: "CRC mismatch",
@@ -106,12 +138,8 @@ class ServerSession:
         self.counters = Counter() if counters is None else counters
         self._hello: dict | None = None
         self._out = bytearray()
-        dec = self._decoder = FrameDecoder(max_payload)
-        dec.allowed = _BEFORE_WELCOME
-        dec.refuse_code = ErrorCode.UNAUTHENTICATED
-        dec.refuse_fatal = True
-        dec.mac_fatal = True
-        dec.stop_types = frozenset({FrameType.HELLO, FrameType.BYE})
+        self._decoder = FrameDecoder(max_payload)
+        self._decoder.policy = BEFORE_WELCOME
         self._out += encode_json(
             FrameType.CHALLENGE,
             {
@@ -131,7 +159,12 @@ class ServerSession:
     def receive_data(self, data: bytes) -> list[tuple]:
         if self.state is State.CLOSED:
             return []
-        return self._events(self._decoder.feed(data))
+        dec = self._decoder
+        frames = dec.feed(data)
+        if dec.others:
+            return self._events(frames)
+        self.frames_seen += len(frames)  # only DATA: nothing for the session to do
+        return frames
 
     def buffered(self) -> int:
         return self._decoder.buffered()
@@ -163,11 +196,11 @@ class ServerSession:
                     break
                 self._hello = hello
                 self.state = State.AUTHENTICATING
-                events.append((HELLO, hello))
+                events.append(Hello(HELLO, hello))
             elif kind == BYE:
                 self.state = State.CLOSED
                 self._decoder.close()
-                events.append((BYE,))
+                events.append(Bye(BYE))
             # an unsolicited PONG is ignored
         self.frames_seen += valid
         return events
@@ -186,22 +219,18 @@ class ServerSession:
         self.identity = ident
         self.mac_algorithm = hello["mac"]
         dec = self._decoder
-        dec.allowed = _AFTER_WELCOME
-        dec.refuse_code = ErrorCode.BAD_TYPE
-        dec.refuse_fatal = False
-        dec.mac_fatal = False
+        dec.policy = AFTER_WELCOME
         dec.mac_fn = crypto.make_mac(
             hello["mac"], crypto.session_key(secret, self.nonce, cn, ident)
         )
-        dec.stop_types = frozenset({FrameType.BYE})
         self.state = State.OPEN
         return self._events(dec.resume())
 
-    def fail(self, code: str, message: str) -> tuple:
+    def fail(self, code: str, message: str) -> Closed:
         """End the session with ERROR `code` (AUTH_FAILED, TIMEOUT, SUPERSEDED, REVOKED)."""
         return self._close(code, message, send=True)
 
-    def _close(self, code: str, message: str, *, send: bool) -> tuple:
+    def _close(self, code: str, message: str, *, send: bool) -> Closed:
         if self.state is not State.CLOSED:
             self.state = State.CLOSED
             self.close_code = code
@@ -209,7 +238,7 @@ class ServerSession:
             if send:
                 self.counters["error." + code] += 1
                 self._out += encode_error(code, message)
-        return (CLOSED, code, message)
+        return Closed(CLOSED, code, message)
 
     # -- output ------------------------------------------------------------
 
@@ -220,7 +249,9 @@ class ServerSession:
         self.counters["nack." + code] += 1
         self._out += encode_nack(seq, code, message)
 
-    def data_to_send(self) -> bytearray:
+    def data_to_send(self) -> bytes | bytearray:
         out = self._out
+        if not out:
+            return b""
         self._out = bytearray()
         return out

@@ -202,7 +202,7 @@ def snapshot(server) -> dict:
             "pending_bytes": pending,
             "capacity_bytes": store.ring_bytes,
             "fill": round(pending / store.ring_bytes, 4),
-            "pause_bytes": server.pending_max,
+            "pause_bytes": server.pause_bytes,
         },
         "wal": _wal(server),
         "subscriber_lag_bytes": server.subscriber_lags(),
