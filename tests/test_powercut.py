@@ -61,6 +61,7 @@ CONFIG = """
 dev_identity = false
 [server]
 handshake_timeout = 5.0
+recv_bytes = 16384
 [storage]
 segment_bytes = 1048576
 ring_bytes = 1048576
