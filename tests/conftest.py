@@ -71,6 +71,7 @@ class Daemon:
         self.log_path = data_dir.with_suffix(".log")
         self.extra_env: dict[str, str] = {}
         self.command = [sys.executable, "-m", "appliance", "serve"]  # or a test's own runner
+        self.cwd: Path | None = None  # the daemon's working directory (None: the tests')
 
     def start(self) -> Daemon:
         env = dict(
@@ -101,7 +102,12 @@ class Daemon:
     def spawn(self, env: dict[str, str], log) -> subprocess.Popen:
         """Start the daemon process with this environment, output to `log`."""
         return subprocess.Popen(
-            self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            self.command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=self.cwd,
         )
 
     def alive(self) -> bool:

@@ -17,6 +17,7 @@ import threading
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from appliance.children import die_with_parent
 from appliance.client import Client
 from appliance.config import Config, parse_address
 from appliance.store import wal_dir
@@ -37,6 +38,7 @@ BUILTIN = {
 RUNNER_KEYS = ("type", "channels", "identities", "batch", "poll")
 ENV_CONNECT = "MODULE_INGEST_SUBSCRIBER_CONNECT"  # set by the manager: where the daemon listens
 ENV_TOKEN = "MODULE_INGEST_SUBSCRIBER_TOKEN"  # the token of identity subscriber/NAME
+ENV_PARENT = "MODULE_INGEST_SUBSCRIBER_PARENT"  # the daemon's pid: the process dies with it
 
 
 def cursor_name(name: str) -> str:
@@ -148,6 +150,8 @@ def handler(sub: Subscriber, table: dict, publisher: Publisher | None):
 
 
 def cmd_subscriber(args, config: Config) -> int:
+    if ENV_PARENT in os.environ:  # started by the daemon (by hand it runs on its own)
+        die_with_parent(int(os.environ[ENV_PARENT]))
     name = args.name
     directory = wal_dir(config.data_dir)
     stop = threading.Event()
