@@ -37,6 +37,8 @@ log = logging.getLogger("appliance.store")
 FRAME_MARK = bytes([TYPE_FRAME, 0])
 PAD_MARK = bytes([TYPE_PAD])
 TYPE_AT = 8  # offset of the type byte in a record
+CHUNK = 1024 * 1024  # bytes compared or searched at a time
+ZEROS = bytes(CHUNK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,17 +135,36 @@ class SegmentReader:
         return zlib.crc32(body, zlib.crc32(length.to_bytes(4, "big"))) == crc
 
     def _candidates(self, start: int) -> Iterator[int]:
-        """Offsets from `start` on whose type byte could begin a record, in order."""
+        """Offsets from `start` on whose type byte could begin a record, in order. Runs of
+        zeros (the preallocated tail, a lost block) are passed a chunk at a time."""
         data, size = self.data, self.size
-        frame = data.find(FRAME_MARK, start + TYPE_AT)
-        pad = data.find(PAD_MARK, start + TYPE_AT)
-        while frame >= 0 or pad >= 0:
-            if pad < 0 or 0 <= frame < pad:
-                at, frame = frame, data.find(FRAME_MARK, frame + 1)
-            else:
-                at, pad = pad, data.find(PAD_MARK, pad + 1)
-            if at - TYPE_AT + PREFIX.size < size:
-                yield at - TYPE_AT
+        at = start + TYPE_AT
+        while (at := first_nonzero(data, at)) is not None:
+            end = min(size, at + CHUNK)
+            chunk = data[at : end + 1]  # one byte more: a frame's mark is two bytes long
+            found = []
+            for mark in (FRAME_MARK, PAD_MARK):
+                i = chunk.find(mark)
+                while 0 <= i < end - at:
+                    found.append(at + i)
+                    i = chunk.find(mark, i + 1)
+            for mark_at in sorted(found):
+                if mark_at - TYPE_AT + PREFIX.size < size:
+                    yield mark_at - TYPE_AT
+            at = end
+
+
+def first_nonzero(data, start: int, end: int | None = None) -> int | None:
+    """The first offset in [start, end) whose byte is not zero, None if there is none; a
+    chunk compare at a time, so a preallocated tail is passed at memory speed."""
+    end = len(data) if end is None else end
+    at = start
+    while at < end:
+        chunk = data[at : min(end, at + CHUNK)]
+        if chunk != (ZEROS if len(chunk) == CHUNK else bytes(len(chunk))):
+            return at + len(chunk) - len(chunk.lstrip(b"\0"))
+        at += len(chunk)
+    return None
 
 
 def describe(stop: ScanEnd) -> str:

@@ -23,9 +23,11 @@ from pathlib import Path
 from appliance.durable import fsync_dir, make_dirs
 from appliance.store import meta
 from appliance.store.reader import (  # noqa: F401 - retention.py and cli.py read them from here
+    CHUNK,
     Damage,
     SegmentReader,
     describe,
+    first_nonzero,
     read_records,
     read_segment_records,
 )
@@ -45,8 +47,6 @@ from appliance.store.segment import (
 )
 
 log = logging.getLogger("appliance.store")
-
-CLEAR_CHUNK = 1024 * 1024  # the tail is checked and zeroed this much at a time
 
 
 @dataclass
@@ -132,7 +132,7 @@ class _Recovery:
             try:
                 check_header(data, number)
             except SegmentError as exc:
-                if _all_zero(data):  # created, and the power went before its header was
+                if first_nonzero(data, 0) is None:  # created; the power went before its header
                     log.warning("store: %s was never written; starting it anew", path.name)
                     _write_header(fd, number, self.segment_bytes)
                     return DATA_START
@@ -273,12 +273,6 @@ def _mapped(path: Path) -> Iterator[tuple[int, object]]:
         os.close(fd)
 
 
-def _all_zero(data, chunk: int = CLEAR_CHUNK) -> bool:
-    return all(
-        data[i : i + chunk].count(0) == len(data[i : i + chunk]) for i in range(0, len(data), chunk)
-    )
-
-
 def _clear_tail(fd: int, data, end: int) -> int:
     """Make the end of the log unambiguous: zeros from `end` to the end of the file, synced,
     then a padding record from `end` to the next block boundary, synced. How many bytes
@@ -288,11 +282,12 @@ def _clear_tail(fd: int, data, end: int) -> int:
     from `end` straight into whatever the torn batch left after the boundary."""
     size = len(data)
     last = end
-    for at in range(end, size, CLEAR_CHUNK):
-        chunk = data[at : min(size, at + CLEAR_CHUNK)]
-        if chunk.count(0) != len(chunk):
-            last = at + len(chunk.rstrip(b"\0"))
-            os.pwrite(fd, bytes(len(chunk)), at)
+    at = end
+    while (at := first_nonzero(data, at)) is not None:
+        chunk = data[at : min(size, at + CHUNK)]
+        last = at + len(chunk.rstrip(b"\0"))
+        os.pwrite(fd, bytes(len(chunk)), at)
+        at += len(chunk)
     if last > end:
         os.fdatasync(fd)
     pad = padding_to_block(end)
