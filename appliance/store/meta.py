@@ -41,7 +41,7 @@ def write(path: Path, obj: dict) -> None:
     body = json.dumps(obj, separators=(",", ":"), sort_keys=True)
     text = f"{body}\n{zlib.crc32(body.encode()):08x}\n"
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         os.write(fd, text.encode())
         os.fsync(fd)

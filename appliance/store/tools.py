@@ -445,7 +445,7 @@ def cursor_lock(directory: Path, name: str):
     """One worker per cursor: two would deliver the same frames and move it backwards."""
     path = directory / f"{name}{meta.CURSOR_SUFFIX}.lock"
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         raise ToolError(f"worker: {path}: {exc.strerror or exc}") from None
     try:
