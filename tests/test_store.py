@@ -24,7 +24,8 @@ from conftest import ROOT, wait_for
 
 from appliance.store import meta
 from appliance.store.cursor import Cursor
-from appliance.store.recovery import read_records
+from appliance.store.reader import read_records
+from appliance.store.recovery import write_segment
 from appliance.store.segment import (
     BLOCK,
     DATA_START,
@@ -33,9 +34,12 @@ from appliance.store.segment import (
     QUARANTINE_SUFFIX,
     TYPE_FRAME,
     TYPE_PAD,
+    Record,
     check_header,
     encode_frame_record,
+    encode_padding,
     list_segments,
+    padding_to_block,
     segment_name,
 )
 from appliance.store.wal import Store
@@ -47,6 +51,7 @@ WAIT = 10.0  # deadline for a commit (fdatasync on a slow CI disk)
 HOUSEKEEPING = 5.0  # deadline for retention: the committer looks about once a second
 A = "dev/core-0"
 B = "m-1/core-ü"  # identities are UTF-8
+RECORD_512 = 512 - FRAME_HEAD - len(A)  # the payload that makes a record of A 512 bytes
 
 # (identity, channel, seq, payload)
 Frame = tuple[str, int, int, bytes]
@@ -553,6 +558,117 @@ def test_a_torn_tail_is_cleared_with_one_warning_and_appending_goes_on(wal, capl
     caplog.clear()
     Harness(wal).open().close()
     assert log_lines(caplog, logging.WARNING) == [], "the repair did not stick"
+
+
+def torn_commit(path: Path, at: int, frames: list[Frame], kept_blocks) -> bytes:
+    """Leave what a power cut in the middle of one commit at `at` can: the commit laid out as
+    the writer does (records, then padding to a block boundary), but only the given 4 KiB
+    blocks of it on disk. Returns the whole commit."""
+    body = b"".join(encode(f) for f in frames)
+    pad = padding_to_block(at + len(body))
+    body += encode_padding(pad) if pad else b""
+    with open(path, "r+b") as f:
+        for i in kept_blocks:
+            f.seek(at + i * BLOCK)
+            f.write(body[i * BLOCK : (i + 1) * BLOCK])
+    return body
+
+
+@pytest.mark.parametrize("lost", [[0], [1], [4, 6]], ids=["first", "second", "two"])
+def test_stale_blocks_of_a_torn_commit_never_come_back(wal, caplog, lost):
+    """The power went in the middle of a commit, and later blocks of it reached the disk
+    while an earlier one did not (issue 9). With 512-byte records every block starts with a
+    valid record. Recovery must not take the gap for the end of the log and append in front
+    of the stale blocks: after a short commit, a stop and a restart they would read as data
+    (frames never acknowledged; seqs past a gap, so a core's replay window jumps)."""
+    positions = crash_after(wal, [make(A, range(1, 41), size=RECORD_512)])
+    seg, end = positions[-1]
+    path = seg_path(wal, seg)
+    frames = make(A, range(41, 121), size=RECORD_512)  # 80 records: 10 blocks, no padding
+    body = torn_commit(path, end, frames, [i for i in range(10) if i not in lost])
+    assert len(body) == 10 * BLOCK
+    kept = list(range(1, 41 + 8 * lost[0]))  # what comes before the first lost block
+
+    caplog.set_level(logging.INFO)
+    h = Harness(wal).open()
+    warnings = log_lines(caplog, logging.WARNING)
+    assert len(warnings) == 1 and "torn tail" in warnings[0], warnings
+    assert h.store.last_seq == {A: kept[-1]}
+    new_end = end + 8 * lost[0] * 512
+    assert h.store.durable_position() == (seg, new_end)
+    assert not any(path.read_bytes()[new_end:]), "the torn commit was not cleared"
+    h.commit(make(A, range(kept[-1] + 1, kept[-1] + 4)))  # one core back, a short commit
+    h.close()
+    caplog.clear()
+    h = Harness(wal).open()
+    h.close()
+    assert log_lines(caplog, logging.WARNING) == []
+    assert [s for _, s in stored(wal)] == [*kept, *range(kept[-1] + 1, kept[-1] + 4)]
+    assert not list(wal.glob("*" + QUARANTINE_SUFFIX))
+
+
+def test_a_torn_commit_ending_mid_block_is_padded_to_the_boundary(wal, caplog):
+    """When the records that survived end inside a block, recovery closes that block with
+    a padding record: the next commit starts on a boundary and never rewrites a block that
+    holds records."""
+    positions = crash_after(wal, [make(A, range(1, 11))])
+    seg, end = positions[-1]
+    path = seg_path(wal, seg)
+    frames = [make(A, [10 + n], size=150 + 37 * n)[0] for n in range(1, 40)]
+    torn_commit(path, end, frames, [0, 2, 3])
+    ends = itertools.accumulate(len(encode(f)) for f in frames)
+    whole = [f for f, e in zip(frames, ends, strict=True) if e <= BLOCK]  # all of it in block 0
+
+    caplog.set_level(logging.INFO)
+    h = Harness(wal).open()
+    assert h.store.last_seq == {A: whole[-1][2]}
+    seg2, at = h.store.durable_position()
+    assert seg2 == seg and at == end + BLOCK  # padded to the boundary after the survivors
+    h.commit(make(A, [100]))
+    h.close()
+    assert [s for _, s in stored(wal)] == [*range(1, 11), *(f[2] for f in whole), 100]
+    assert next(r for r in read_records(wal) if r.seq == 100).offset == end + BLOCK
+
+
+def test_damage_in_the_last_commit_of_the_newest_segment_reads_as_a_torn_tail(wal, caplog):
+    """The limit of a format without a commit number: damage in the last commit of the
+    newest segment looks like a commit the power cut short, so the rest of that commit is
+    cleared (said once) rather than the segment set aside. Damage with a commit after it is
+    set aside (test_damage_mid_segment_is_quarantined_and_the_good_records_kept)."""
+    batches = [make(A, range(n, n + 20), size=300) for n in range(1, 61, 20)]
+    crash_after(wal, batches)
+    victim = next(r for r in read_records(wal) if r.seq == 45)
+    flip(seg_path(wal, 1), victim.offset + FRAME_HEAD + 10)
+
+    caplog.set_level(logging.INFO)
+    h = Harness(wal).open()
+    warnings = log_lines(caplog, logging.WARNING)
+    assert len(warnings) == 1 and "torn tail" in warnings[0], warnings
+    assert h.store.last_seq == {A: 44}
+    h.close()
+    assert not list(wal.glob("*" + QUARANTINE_SUFFIX))
+    assert [s for _, s in stored(wal)] == list(range(1, 45))
+
+
+def test_damage_with_valid_data_beyond_one_commit_is_set_aside(wal, caplog):
+    """Valid data further than one commit (commit_max_bytes and padding) after the damage
+    cannot be what a torn commit left: the segment is damaged, and set aside."""
+    records = [
+        Record(1, 0, A, 1, seq, T0 + seq, T0 + seq + 7, payload(A, seq, 1000), 0)
+        for seq in range(1, 300)
+    ]
+    wal.mkdir()
+    write_segment(seg_path(wal, 1), 1, records, MiB)  # one stretch of records, no padding
+    victim = next(r for r in read_records(wal) if r.seq == 5)
+    flip(seg_path(wal, 1), victim.offset + FRAME_HEAD + 10)
+
+    caplog.set_level(logging.INFO)
+    h = Harness(wal, commit_max_bytes=65536).open()
+    errors = log_lines(caplog, logging.ERROR)
+    assert len(errors) == 1 and "set aside" in errors[0], errors
+    assert h.store.last_seq == {A: 299}
+    h.close()
+    assert [s for _, s in stored(wal)] == [s for s in range(1, 300) if s != 5]
 
 
 def test_a_newest_segment_cut_below_the_checkpoint_still_opens(wal, caplog):
