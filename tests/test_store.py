@@ -933,6 +933,27 @@ def test_a_cursor_skips_damage_and_reads_on(wal, caplog, sealed):
     assert len(said) == 1, said
 
 
+def test_a_cursor_waits_at_a_gap_past_the_checkpoint_a_commit_in_flight(wal, caplog):
+    """Past the checkpoint of the newest segment a gap may be a commit being written (its
+    later blocks already there, its first not yet): the reader stops there without a word
+    and reads on once the gap is filled."""
+    positions = crash_after(wal, [make(A, range(1, 21), size=RECORD_512)])
+    Harness(wal).open().close()  # the checkpoint at the end of the data
+    seg, end = positions[-1]
+    assert checkpoint(wal) == (seg, end)
+    in_flight = make(A, range(21, 61), size=RECORD_512)  # five blocks
+    body = torn_commit(seg_path(wal, seg), end, in_flight, [1, 2, 3, 4])
+    caplog.set_level(logging.INFO)
+    cursor = Cursor(wal, "reader")
+    assert [r.seq for r in cursor.read(100)] == list(range(1, 21))
+    assert cursor.read(100) == []
+    assert log_lines(caplog, logging.WARNING) == []
+    with open(seg_path(wal, seg), "r+b") as f:
+        f.seek(end)
+        f.write(body[:BLOCK])  # the write completes
+    assert [r.seq for r in cursor.read(100)] == list(range(21, 61))
+
+
 @pytest.mark.parametrize("sealed", [False, True], ids=["newest", "sealed"])
 def test_a_cursor_in_a_segment_that_recovery_rewrites_misses_nothing(wal, caplog, sealed):
     """Quarantine copies the good records into a new file where they sit at other offsets
