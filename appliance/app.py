@@ -17,7 +17,7 @@ from appliance.store import wal_dir
 from appliance.store.wal import Store
 from appliance.subscribers.manager import install as install_subscribers
 from appliance.telemetry import endpoint as stats_endpoint
-from appliance.telemetry import logs, metrics
+from appliance.telemetry import gcwatch, logs, metrics
 from hw import notify
 from hw.fingerprint import fingerprint
 
@@ -102,6 +102,7 @@ STORE_KEYS = (
 
 def serve(config: Config) -> int:
     log_buffer = logs.setup(config)  # from here on every event is one structured line
+    collector = gcwatch.install()
     limit = raise_fd_limit()
     if limit < config.server["max_connections"] + 64:  # listeners, segments, registry
         log.warning(
@@ -116,6 +117,7 @@ def serve(config: Config) -> int:
     store = open_store(config)
     server = Server(config, registry, store)
     addresses = server.bind()
+    server.handle_signals()
     stats_endpoint.install(server, config)
     subscribers = install_subscribers(server, config, addresses[0])
     if subscribers is not None:
@@ -136,5 +138,7 @@ def serve(config: Config) -> int:
         config.data_dir,
         store.frames,
     )
+    gcwatch.settle()
+    server.sweep_hooks.append(collector.tick)
     notifier.ready()  # READY=1: recovered and listening
     return server.run()

@@ -32,6 +32,8 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, float | None]]] = {
         "listen": (str, "127.0.0.1:7878", None),
         "backlog": (int, 1024, 1),
         "max_connections": (int, 16384, 1),
+        "max_handshakes": (int, 1024, 1),
+        "max_handshakes_per_source": (int, 64, 1),
         "max_payload": (int, 65536, 1),
         "handshake_timeout": (float, 10.0, 0.1),
         "idle_timeout": (float, 60.0, 0),

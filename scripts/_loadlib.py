@@ -1,8 +1,20 @@
-"""Helpers shared by scripts/flood and scripts/bench; not part of the daemon."""
+"""Helpers shared by the load generators (scripts/flood, scripts/fleet) and scripts/bench;
+not part of the daemon."""
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import math
+import os
 import resource
+import socket
+
+from appliance.protocol import crypto
+
+
+class LoadError(Exception):
+    """A load generator cannot go on; the message is one line."""
 
 
 def raise_nofile_limit() -> int:
@@ -15,7 +27,55 @@ def raise_nofile_limit() -> int:
     return soft
 
 
-def _count(mapping: dict[str, int]) -> str:
+def load_identities(path: str, count: int | None) -> list[tuple[str, str]]:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"--identities {path}: {exc}") from None
+    if not isinstance(doc, dict) or not all(isinstance(v, str) for v in doc.values()):
+        raise LoadError(f"--identities {path}: expected a JSON object {{id: token}}")
+    items = list(doc.items())
+    for ident, token in items:
+        try:
+            crypto.token_to_secret(token)
+        except ValueError as exc:
+            raise LoadError(f"--identities {path}: {ident}: {exc}") from None
+    if count is not None:
+        if count > len(items):
+            raise LoadError(f"--connections {count}: {path} holds only {len(items)} identities")
+        items = items[:count]
+    if not items:
+        raise LoadError(f"--identities {path}: no identities")
+    return items
+
+
+def loopback_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit():
+        raise LoadError(f"--connect: expected HOST:PORT, got {text!r}")
+    try:
+        addr = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][4][0]
+    except OSError as exc:
+        raise LoadError(f"--connect {text}: {exc}") from None
+    if not ipaddress.ip_address(addr).is_loopback:
+        raise LoadError(f"--connect {text}: the load generators only target loopback addresses")
+    return addr, int(port)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile of sorted `values`."""
+    return values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))]
+
+
+def notify(fd: int | None, word: str) -> None:
+    if fd is not None:
+        os.write(fd, word.encode() + b"\n")
+
+
+def count_text(mapping: dict[str, int]) -> str:
+    """{code: n} as "code n, code n" (or "none")."""
     return ", ".join(f"{code} {n}" for code, n in sorted(mapping.items())) or "none"
 
 
@@ -28,7 +88,7 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"idle: {head}, all authenticated in {result['handshake_s']:.2f} s")
         lines.append(
             f"held {result['duration_s']:.1f} s: {result['connections_open']} still open, "
-            f"{result['pings']} PINGs sent, errors: {_count(result['errors'])}"
+            f"{result['pings']} PINGs sent, errors: {count_text(result['errors'])}"
         )
     else:
         rate = f"{result['rate']} frames/s" if result["rate"] else "unpaced"
@@ -55,8 +115,8 @@ def summary_lines(result: dict) -> list[str]:
             lines.append("ACK latency: no samples")
         lines.append(
             f"after drain: {result['frames_acked_total']} ACKed in all, "
-            f"{result['frames_unacked']} never ACKed; NACKs: {_count(result['nacks'])}; "
-            f"errors: {_count(result['errors'])}"
+            f"{result['frames_unacked']} never ACKed; NACKs: {count_text(result['nacks'])}; "
+            f"errors: {count_text(result['errors'])}"
         )
         each = result["acked_per_connection"]
         if conns > 1:

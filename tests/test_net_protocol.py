@@ -107,10 +107,15 @@ class Peer:
         fingerprint: str = "",
         port: int | None = None,
         tls: ssl.SSLContext | None = None,
+        source: str | None = None,
     ) -> None:
         if secret is None:
             secret = crypto.token_to_secret(token or daemon.dev_token)
-        sock = socket.create_connection((daemon.host, port or daemon.port), timeout=WAIT)
+        sock = socket.create_connection(
+            (daemon.host, port or daemon.port),
+            timeout=WAIT,
+            source_address=(source, 0) if source else None,
+        )
         _open_peers.append(self)
         if tls is not None:
             sock = tls.wrap_socket(sock, server_hostname=daemon.host)

@@ -423,7 +423,13 @@ def test_snapshot_reads_the_server_and_store(server):
     assert snap["rate"] == pytest.approx(100.0) and snap["rate_seconds"] == 0.5
     assert snap["nacks"] == {"BUSY": 2, "DENIED": 1}
     assert snap["errors"] == {"TIMEOUT": 1}
-    assert snap["connections"] == {"open": 0, "authenticated": 0, "paused": 0, "accepted": 1}
+    assert snap["connections"] == {
+        "open": 0,
+        "authenticated": 0,
+        "paused": 0,
+        "accepted": 1,
+        "evicted": 0,
+    }
     assert snap["identities"][DEV] == {"frames": 3, "connected": False}
     assert snap["ring"] == {
         "pending_bytes": 0,

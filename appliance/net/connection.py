@@ -82,6 +82,7 @@ class Connection:
         "shut",
         "sock",
         "source",
+        "tls",
     )
 
     def __init__(
@@ -94,6 +95,7 @@ class Connection:
         phase: Phase,
     ) -> None:
         self.sock = sock
+        self.tls = isinstance(sock, ssl.SSLSocket)
         self.fd = sock.fileno()
         self.addr = addr
         self.source = addr[0] if isinstance(addr, tuple) else str(addr)
@@ -125,7 +127,7 @@ class Connection:
             data = sock.recv(size)
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return None
-        if data and isinstance(sock, ssl.SSLSocket):
+        if data and self.tls:
             # TLS decrypts whole records: what is already decrypted raises no new event
             while sock.pending():
                 data += sock.recv(sock.pending())

@@ -33,13 +33,15 @@ from appliance.auth.handshake import authenticate
 from appliance.auth.registry import Registry, RegistryError
 from appliance.config import Config
 from appliance.net import sockets
-from appliance.net.connection import LINGER, Connection, Pause, Phase
+from appliance.net.admission import Admission
+from appliance.net.connection import LINGER, READING, Connection, Pause, Phase
 from appliance.protocol import crypto
 from appliance.protocol.frames import ErrorCode, encode_ack
 from appliance.protocol.session import BYE, CLOSED, DATA, HELLO, ServerSession
 from appliance.store.ring import RESERVE as RING_RESERVE
 from appliance.store.segment import encode_frame_record
 from appliance.store.wal import Store, StoreError
+from appliance.telemetry.throttle import Throttled
 
 log = logging.getLogger("appliance.net")
 
@@ -48,8 +50,10 @@ EPOLLOUT = select.EPOLLOUT
 EPOLL_FAIL = select.EPOLLERR | select.EPOLLHUP
 TICK = 0.25  # registry changes, extension hooks and accept retries are looked at this often
 STOP_GRACE = 1.5  # on SIGTERM: time allowed to commit and ACK before closing anyway
-MAX_EVENTS = 1024
-AUTH_LOG_EVERY = 1.0  # failed handshakes are logged at most once a second, with a count
+MAX_EVENTS = 64  # per poll: commits and ACKs interleave with reads, even in a burst
+# failed handshakes and connections closed before they authenticated: a peer decides how
+# many there are, so they are logged at most once a second, with a count
+UNPROVEN_LOG_EVERY = 1.0
 LOG_IDENT_MAX = 64  # identities in log lines are cut to this many characters
 
 _LISTENER = object()  # epoll registry tags for what is not a connection
@@ -76,6 +80,7 @@ class Server:
         self.recv_bytes = srv["recv_bytes"]
         self.send_limit = srv["send_buffer_limit"]
         self.max_connections = srv["max_connections"]
+        self.admission = Admission(srv["max_handshakes"], srv["max_handshakes_per_source"])
         # pending ring bytes beyond which the loop stops reading (the ring's share of
         # Store.space; a batch larger than commit_max_bytes stops reading earlier)
         self.pause_bytes = store.ring_bytes - RING_RESERVE - self.recv_bytes
@@ -104,8 +109,8 @@ class Server:
         self._timers: list[tuple[float, int, int]] = []  # (deadline, serial, fd)
         self._serial = 0
         self._accepting = False
-        self._auth_failures = 0
-        self._auth_logged_at = 0.0
+        self._signals = False
+        self._log_unproven = Throttled(log, UNPROVEN_LOG_EVERY)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- set-up ---------------------------------------------------------------
@@ -143,11 +148,19 @@ class Server:
 
     # -- the loop ---------------------------------------------------------------
 
-    def run(self) -> int:
-        """Serve until SIGTERM / SIGINT; the exit code."""
+    def handle_signals(self) -> None:
+        """From now on SIGTERM and SIGINT stop the loop gracefully (call before saying
+        that the daemon listens: a stop request may come right after)."""
+        if self._signals:
+            return
+        self._signals = True
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+
+    def run(self) -> int:
+        """Serve until SIGTERM / SIGINT; the exit code."""
+        self.handle_signals()
         poll = self.epoll.poll
         conns = self.conns
         tags = self._tags
@@ -189,7 +202,13 @@ class Server:
             if self.stopping:
                 if stop_deadline is None:  # the signal came in during this iteration
                     stop_deadline = self._begin_stop()
-                if (store.pending_bytes() == 0 and not self.commit_waiting) or self.exit_code:
+                # a failing disk will not take the rest: what it did not make durable
+                # stays unacknowledged, and the stop does not wait for it
+                if (
+                    (store.pending_bytes() == 0 and not self.commit_waiting)
+                    or store.commit_error is not None
+                    or self.exit_code
+                ):
                     self._finish_stop()
                     return self.exit_code
                 if now > stop_deadline:
@@ -291,8 +310,21 @@ class Server:
                 durable[ident] = seq
                 conn = by_identity.get(ident)
                 # not before WELCOME (it carries last_seq), not after ERROR or BYE
-                if conn is not None and conn.phase is Phase.OPEN:
-                    self._send(conn, encode_ack(seq))
+                if conn is None or conn.phase is not Phase.OPEN:
+                    continue
+                ack = encode_ack(seq)
+                if conn.out or conn.tls:
+                    self._send(conn, ack)
+                    continue
+                try:  # the common case: straight to the socket
+                    sent = conn.sock.send(ack)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    self._close(conn)
+                    continue
+                if sent < len(ack):
+                    self._send(conn, ack[sent:])
         if self.commit_waiting:
             for conn in list(self.commit_waiting):
                 if self._committed(conn.identity):
@@ -326,8 +358,11 @@ class Server:
     def _accept(self, lsock: socket.socket, ctx: ssl.SSLContext | None) -> None:
         for _ in range(64):  # bounded, so a connect storm cannot starve established cores
             if len(self.conns) >= self.max_connections:
-                self._set_accepting(False)
-                return
+                oldest = self.admission.oldest()
+                if oldest is None:
+                    self._set_accepting(False)
+                    return
+                self._evict(oldest)  # an unproven connection makes room for a new one
             try:
                 sock, addr = lsock.accept()
             except BlockingIOError:
@@ -362,6 +397,8 @@ class Server:
             )
             self.conns[conn.fd] = conn
             self.counters["connections"] += 1
+            for old in self.admission.admit(conn):
+                self._evict(old)
             self._arm(conn)
             if conn.phase is Phase.TLS:
                 self._tls_handshake(conn)
@@ -457,7 +494,7 @@ class Server:
         if phase is Phase.TLS:
             self._tls_handshake(conn)
             return
-        if not conn.reading():
+        if conn.pauses or phase not in READING:
             if mask & EPOLL_FAIL:
                 self._close(conn)  # hung up while we were not reading
             return
@@ -470,7 +507,9 @@ class Server:
             self._pause(conn, Pause.STORE)  # the store is behind: leave the bytes in the kernel
             return
         try:
-            data = conn.recv(self.recv_bytes)
+            data = conn.recv(self.recv_bytes) if conn.tls else conn.sock.recv(self.recv_bytes)
+        except BlockingIOError:
+            return
         except OSError:
             self._close(conn)
             return
@@ -555,13 +594,28 @@ class Server:
         if replay:
             session.send_ack(self.durable.get(ident, 0))
 
+    def _evict(self, conn: Connection) -> None:
+        """Close a connection still in the handshake at once, to free its slot."""
+        self.admission.leave(conn)
+        self.counters["evicted"] += 1
+        conn.session.fail(ErrorCode.TIMEOUT, "too many connections in the handshake")
+        with contextlib.suppress(OSError):
+            conn.write(conn.session.data_to_send())
+        self._close(conn)
+
     def _on_hello(self, conn: Connection, hello: dict) -> None:
+        self.admission.leave(conn)  # proved or failed: it no longer holds a handshake slot
         self._reload_registry()  # an identity added or revoked a moment ago counts already
         identity = authenticate(
             self.registry, hello, conn.session.nonce, trust_on_first_use=self.tofu
         )
         if identity is None:
-            self._log_auth_failure(hello.get("id"), conn.addr)
+            self._log_unproven(
+                logging.INFO,
+                "auth: failed for %s from %s",
+                printable_ident(hello.get("id")),
+                conn.addr,
+            )
             self._fail(conn, ErrorCode.AUTH_FAILED, "authentication failed")
             return
         ident = identity.id
@@ -579,21 +633,6 @@ class Server:
             conn.deadline = float("inf")
             self.commit_waiting[conn] = None
             self._update(conn)
-
-    def _log_auth_failure(self, ident: object, addr) -> None:
-        """One line per AUTH_LOG_EVERY at most: a flood of bad HELLOs costs no log volume."""
-        self._auth_failures += 1
-        if self.now - self._auth_logged_at < AUTH_LOG_EVERY:
-            return
-        more = self._auth_failures - 1
-        log.info(
-            "auth: failed for %s from %s%s",
-            printable_ident(ident),
-            addr,
-            f" (and {more} more since the last line)" if more else "",
-        )
-        self._auth_failures = 0
-        self._auth_logged_at = self.now
 
     def _welcome(self, conn: Connection) -> None:
         identity = self.registry.get(conn.identity)
@@ -642,14 +681,19 @@ class Server:
     def _begin_close(self, conn: Connection, code: str) -> None:
         if conn.phase is Phase.CLOSED:
             return
+        self.admission.leave(conn)
         if conn.phase is not Phase.CLOSING:
             conn.move(Phase.CLOSING)
         self.commit_waiting.pop(conn, None)
         conn.deadline = self.now + LINGER
         self._arm(conn)
-        if code != ErrorCode.AUTH_FAILED:
+        if conn.identity is not None:
             log.info(
                 "conn %s (%s): closing with %s", conn.addr, printable_ident(conn.identity), code
+            )
+        elif code != ErrorCode.AUTH_FAILED:  # that one was logged with its id
+            self._log_unproven(
+                logging.INFO, "conn %s: closing with %s before authentication", conn.addr, code
             )
         if conn.phase is not Phase.CLOSED:
             self._update(conn)
@@ -659,6 +703,7 @@ class Server:
             return
         conn.move(Phase.CLOSED)
         del self.conns[conn.fd]
+        self.admission.leave(conn)
         if conn.events:
             self.epoll.unregister(conn.fd)
             conn.events = 0

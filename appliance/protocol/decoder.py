@@ -105,6 +105,53 @@ class FrameDecoder:
         return self.feed(b"")
 
     def feed(self, data: bytes) -> list[tuple]:
+        if (
+            not self._buf
+            and not self._skip
+            and not self._held
+            and not self._dead
+            and len(data) >= HEADER_SIZE
+        ):
+            one = self._one(data)
+            if one is not None:
+                self.others = 0
+                return one
+        return self._feed(data)
+
+    def _one(self, data: bytes) -> list[tuple] | None:
+        """The common read after WELCOME: exactly one admitted, intact DATA frame. None
+        for anything else, which the general path then decodes (and rejects) in full."""
+        magic, version, ftype, flags, channel, length, _, seq, ts_ns = HEADER.unpack_from(data)
+        size = HEADER_SIZE + length + CRC_SIZE
+        mac_fn = self.mac_fn
+        if mac_fn is not None:
+            size += MAC_SIZE
+            if flags != FLAG_MAC:
+                return None
+        elif flags:
+            return None
+        if (
+            ftype != DATA
+            or magic != MAGIC
+            or version != VERSION
+            or len(data) != size
+            or length > self.max_payload
+        ):
+            return None
+        allowed = self.policy.allowed
+        if allowed is not None and DATA not in allowed:
+            return None
+        body_end = HEADER_SIZE + length
+        with memoryview(data) as mv:
+            if zlib.crc32(mv[:body_end]) != _CRC.unpack_from(data, body_end)[0]:
+                return None
+            if mac_fn is not None and not compare_digest(
+                mac_fn(mv[: body_end + CRC_SIZE]), mv[body_end + CRC_SIZE :]
+            ):
+                return None
+        return [(DATA, channel, seq, ts_ns, data[HEADER_SIZE:body_end])]
+
+    def _feed(self, data: bytes) -> list[tuple]:
         out: list[tuple] = []
         self.others = 0
         if self._dead:

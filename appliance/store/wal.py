@@ -289,6 +289,8 @@ class Store:
                 data = sock.recv(writer.MESSAGE_MAX)
             except BlockingIOError:
                 break
+            except ConnectionResetError:
+                data = b""
             if not data:
                 raise StoreError("the store's writer exited")
             self._on_message(marshal.loads(data))

@@ -241,6 +241,8 @@ class Writer:
         """Wait up to `wait` seconds; True if the daemon asked to stop (or is gone). Only
         "stop" can arrive while a commit is in flight."""
         ready, _, _ = select.select([self.sock], [], [], wait)
+        if ready:
+            self.sock.recv(MESSAGE_MAX)  # read, so that closing does not reset the daemon's end
         return bool(ready)
 
     # -- segments -----------------------------------------------------------------

@@ -6,7 +6,7 @@ process and file-system figures from psutil. The dict it returns is JSON-able:
 
     version, board, pid, time (unix seconds), uptime_seconds
     frames, bytes_in, rate (frames/s over the last rate_seconds, at most RATE_WINDOW), replays
-    connections: open, authenticated, paused, accepted
+    connections: open, authenticated, paused, accepted, evicted (from the handshake, for room)
     identities: {identity: {frames, connected}}     frames stored since start
     nacks, errors: {CODE: count}                     since start
     ring: pending_bytes (not yet durable), capacity_bytes, fill (0..1),
@@ -15,7 +15,8 @@ process and file-system figures from psutil. The dict it returns is JSON-able:
          dropped_frames, full, commits, commit_p50_ms, commit_p99_ms (None before the
          first commit), commit_error (None or text), stalled_seconds, recovery_seconds
     subscriber_lag_bytes: {subscriber: bytes}
-    process: rss_bytes, cpu_percent (since the previous snapshot)
+    process: rss_bytes, cpu_percent (since the previous snapshot),
+             gc: collections per generation, pause_max_ms, pause_total_ms (gcwatch.py)
     disk: path, free_bytes, total_bytes
 """
 
@@ -31,6 +32,7 @@ from typing import Any
 import psutil
 
 from appliance import __version__
+from appliance.telemetry import gcwatch
 
 RATE_WINDOW = 5.0  # seconds of history behind `rate`
 RATE_SAMPLES = 64  # bound on that history (the loop samples every 0.25 s)
@@ -159,9 +161,10 @@ def _process_figures() -> dict[str, Any]:
             return {
                 "rss_bytes": proc.memory_info().rss,
                 "cpu_percent": round(proc.cpu_percent(None), 1),
+                "gc": gcwatch.figures(),
             }
     except psutil.Error:
-        return {"rss_bytes": None, "cpu_percent": None}
+        return {"rss_bytes": None, "cpu_percent": None, "gc": gcwatch.figures()}
 
 
 def _disk(path) -> dict[str, Any]:
@@ -194,6 +197,7 @@ def snapshot(server) -> dict:
             "authenticated": len(server.by_identity),
             "paused": len(server.paused),
             "accepted": counters["connections"],
+            "evicted": counters["evicted"],
         },
         "identities": _identities(server),
         "nacks": _by_code(counters, "nack."),
