@@ -10,8 +10,10 @@ blocks; directory entries before their directory's fsync, either way), and on ea
   WELCOME's last_seq, and in the end every frame sent, is stored exactly once and as sent;
   nothing else is stored; no segment is set aside; no WELCOME is behind an ACK.
 
-The states are picked with a seeded generator from one recorded run, so a failure names a state
-that the same seed rebuilds. Restart times are printed (run with -s), not asserted.
+The points of the cut and what each unsynced write keeps are drawn from a seeded generator, so a
+failure names a state (its number and trace line); the recorded run itself, where its batches
+begin and end, follows the machine's timing. Restart times are printed (run with -s), not
+asserted.
 
 Hundreds of daemon starts would spend most of their time importing the application, so the
 daemons of the states are forked from a process that imported it once (`Zygote`); each then
@@ -43,7 +45,7 @@ from fstrace import Trace, strace_command
 from streaming import Streamer
 
 from appliance.client import Client
-from appliance.store.recovery import read_records
+from appliance.store.reader import read_records
 from appliance.store.segment import QUARANTINE_SUFFIX, list_segments
 
 SEED = 20261130
