@@ -39,6 +39,7 @@ PAD_MARK = bytes([TYPE_PAD])
 TYPE_AT = 8  # offset of the type byte in a record
 CHUNK = 1024 * 1024  # bytes compared or searched at a time
 ZEROS = bytes(CHUNK)
+PROOF_BUDGET = 8 * 1024 * 1024  # bytes hashed to prove where one damaged record ends
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,10 +113,15 @@ class SegmentReader:
         if not bad.clean and at + PREFIX.size <= self.size:
             crc, length = PREFIX.unpack_from(self.data, at)
             # its length damaged, its CRC and body intact: the CRC proves the true end
-            for alt in _one_byte_changes(length):
+            budget = PROOF_BUDGET  # shortest first: a real record is short, a guess may not be
+            for alt in sorted(_one_byte_changes(length)):
                 end = at + 8 + alt
-                if end < self.size and self._starts(end) and self._proves(at, alt, crc):
-                    return end
+                if end >= self.size or alt > budget:
+                    break
+                if self._starts(end):
+                    budget -= alt
+                    if self._proves(at, alt, crc):
+                        return end
             # its length intact (the damage is in the rest): the next record is where it says
             end = at + 8 + length
             if at < end < self.size and self._starts(end):
@@ -131,8 +137,9 @@ class SegmentReader:
         return isinstance(first, Record) or (first is not None and first.offset > pos)
 
     def _proves(self, at: int, length: int, crc: int) -> bool:
-        body = self.data[at + 8 : at + 8 + length]
-        return zlib.crc32(body, zlib.crc32(length.to_bytes(4, "big"))) == crc
+        with memoryview(self.data) as view:
+            body = view[at + 8 : at + 8 + length]
+            return zlib.crc32(body, zlib.crc32(length.to_bytes(4, "big"))) == crc
 
     def _candidates(self, start: int) -> Iterator[int]:
         """Offsets from `start` on whose type byte could begin a record, in order. Runs of
@@ -142,15 +149,15 @@ class SegmentReader:
         while (at := first_nonzero(data, at)) is not None:
             end = min(size, at + CHUNK)
             chunk = data[at : end + 1]  # one byte more: a frame's mark is two bytes long
-            found = []
-            for mark in (FRAME_MARK, PAD_MARK):
-                i = chunk.find(mark)
-                while 0 <= i < end - at:
-                    found.append(at + i)
-                    i = chunk.find(mark, i + 1)
-            for mark_at in sorted(found):
-                if mark_at - TYPE_AT + PREFIX.size < size:
-                    yield mark_at - TYPE_AT
+            limit = end - at
+            frame, pad = chunk.find(FRAME_MARK), chunk.find(PAD_MARK)
+            while 0 <= frame < limit or 0 <= pad < limit:
+                if 0 <= frame < limit and not 0 <= pad < frame:
+                    i, frame = frame, chunk.find(FRAME_MARK, frame + 1)
+                else:
+                    i, pad = pad, chunk.find(PAD_MARK, pad + 1)
+                if at + i - TYPE_AT + PREFIX.size < size:
+                    yield at + i - TYPE_AT
             at = end
 
 
