@@ -19,6 +19,7 @@ acknowledgements had gone out before the cut.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -43,7 +44,8 @@ CALL = re.compile(r"^(\w+)\((.*)\) += (-?(?:0x[0-9a-f]+|\d+))(?:<(.*)>)?(?: .*)?
 RESUMED = re.compile(r"^<\.\.\. (\w+) resumed>(.*)$", re.S)
 HEX = re.compile(r"(?:\\x[0-9a-f]{2})+")
 TCP_PEER = re.compile(r"TCP:\[[^\]]*->[^\]]*:(\d+)\]")
-FRAME_HEAD, MAC, DATA, ACK = 32, 16, 0x10, 0x11  # MIP/1: header, MAC trailer, frame types
+FRAME_HEAD, MAC = 32, 16  # MIP/1: header, MAC trailer
+WELCOME, DATA, ACK = 0x03, 0x10, 0x11  # MIP/1 frame types
 
 
 class TraceError(Exception):
@@ -448,8 +450,9 @@ class Trace:
         """Trace lines after which a power cut can leave a different state."""
         return sorted({op.end for op in self.ops if isinstance(op, (Write, Resize, Sync, Entry))})
 
-    def acked(self, point: int) -> dict[int, int]:
-        """Per peer port, the highest seq of an ACK (MIP/1) sent before the cut."""
+    def promised(self, point: int) -> dict[int, int]:
+        """Per peer port, the highest seq an ACK or a WELCOME (its last_seq) sent before the
+        cut promised to be durable (MIP/1)."""
         return self._highest(Sent, point, ACK)
 
     def received(self, point: int) -> dict[int, int]:
@@ -472,6 +475,9 @@ class Trace:
                 if buf[3] == frame_type:
                     seq = int.from_bytes(buf[16:24], "big")
                     best[op.port] = max(best.get(op.port, 0), seq)
+                elif buf[3] == WELCOME and frame_type == ACK:
+                    last_seq = json.loads(bytes(buf[FRAME_HEAD : size - 4]))["last_seq"]
+                    best[op.port] = max(best.get(op.port, 0), last_seq)
                 del buf[:size]
         return best
 

@@ -1,14 +1,19 @@
 """Power cuts. SIGKILL keeps the page cache, so it cannot show what a power cut does; this test
-records the real daemon's file-system calls with strace while two cores stream to it, builds
-the on-disk states a power cut could have left at points along the way (tests/fstrace.py has
-the model: unsynced writes kept, dropped, cut at 512 bytes or kept as any subset of their 4 KiB
-blocks; directory entries before their directory's fsync, either way), and on each state:
+records the real daemon's file-system calls with strace, builds the on-disk states a power cut
+could have left at points along the way (tests/fstrace.py has the model: unsynced writes kept,
+dropped, cut at 512 bytes or kept as any subset of their 4 KiB blocks; directory entries before
+their directory's fsync, either way), and on each state:
 
-- starts the daemon, reconnects the cores (a client resends the frames above WELCOME's
-  last_seq with the same seqs, as the client library does), stops it, starts and stops it again;
+- starts the daemon and reconnects the cores one at a time, with a restart in between (a core
+  resends the frames above WELCOME's last_seq with the same seqs, as the client library does);
 - checks the log as `dump` reads it: every frame acknowledged before the cut, or covered by a
   WELCOME's last_seq, and in the end every frame sent, is stored exactly once and as sent;
-  nothing else is stored; no segment is set aside; no WELCOME is behind an ACK.
+  nothing else is stored; no segment is set aside; no WELCOME is behind a promise.
+
+Two runs are recorded: two cores streaming into an empty store (the first STATES_STREAM
+states), then the daemon started on one of those states that holds stale blocks of a torn
+commit, recovering it while the cores resend (the rest: power cuts during recovery's own
+clearing, and during the first commits after it).
 
 The points of the cut and what each unsynced write keeps are drawn from a seeded generator, so a
 failure names a state (its number and trace line); the recorded run itself, where its batches
@@ -37,19 +42,21 @@ import sys
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, Daemon, cli, wait_for
-from fstrace import Trace, strace_command
+from fstrace import State, Trace, strace_command
 from streaming import Streamer
 
 from appliance.client import Client
-from appliance.store.reader import read_records
-from appliance.store.segment import QUARANTINE_SUFFIX, list_segments
+from appliance.store.reader import SegmentReader, read_records
+from appliance.store.segment import QUARANTINE_SUFFIX, list_segments, segment_number
 
 SEED = 20261130
-STATES = int(os.environ.get("PC_STATES", 220))  # distinct on-disk states
+STATES_STREAM = 180  # distinct on-disk states from the streaming run
+STATES_RECOVERY = 40  # and from the run that recovers a torn commit
 WORKERS = 2  # states checked side by side (each has its own daemon)
 CORES = {"m-1/core-1": "1-4", "m-2/core-1": "5-8"}
 RATE = 400  # frames per second per core: about 0.4 MB/s in all
@@ -221,35 +228,73 @@ def daemon_pid(tracer: int) -> int:
     return int(children[0]) if children else 0
 
 
-@pytest.fixture
-def recorded(tmp_path):
-    """One traced run: the trace model and what each core sent, by peer port."""
-    if shutil.which("strace") is None:
-        pytest.fail("strace is missing: ./scripts/install-test-packages (.ci/debian-packages)")
-    (tmp_path / "run").mkdir()
-    d = Daemon(tmp_path / "run" / "data", CONFIG)
-    tokens = {}
+@dataclass
+class Core:
+    ident: str
+    token: str
+    sent: dict[int, tuple[int, int, bytes]]  # seq -> (channel, ts_ns, payload)
+
+
+@dataclass
+class Cut:
+    """One on-disk state a power cut could leave, and what the cores had at that moment."""
+
+    name: str
+    state: State
+    promised: dict[str, int]  # core -> highest seq an ACK or a WELCOME covered
+    sent: dict[str, int]  # core -> highest seq the daemon had read (the core sent that much)
+
+
+def traced(tmp: Path, name: str, config: str) -> tuple[Daemon, Path]:
+    d = Daemon(tmp / name / "data", config)
+    trace_file = tmp / f"{name}.trace"
+    d.command = [*strace_command(trace_file), *d.command]
+    return d, trace_file
+
+
+def stop_traced(d: Daemon) -> None:
+    """SIGTERM to the daemon (strace's child), then wait for both; SIGKILL if it failed."""
+    if d.proc is None:
+        return
+    pid = daemon_pid(d.proc.pid)
+    try:
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+        assert d.proc.wait(TIMEOUT) == 0, d.log()[-3000:]
+    finally:
+        if d.proc.poll() is None:
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+            d.kill()
+        d.proc = None
+
+
+def record_stream(tmp: Path) -> tuple[dict[str, Core], Trace, dict[int, str]]:
+    """Run 1: two cores stream into an empty store until it has SEGMENTS segments. The
+    cores, the trace, and which core each peer port was."""
+    (tmp / "stream").mkdir()
+    d, trace_file = traced(tmp, "stream", CONFIG)
+    cores = {}
     for ident, channels in CORES.items():
         result = cli(
             "identity", "add", ident, "--kind", "core", "--module", ident.split("/")[0],
             "--channels", channels, data_dir=d.data_dir,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr.decode()
-        tokens[ident] = json.loads(result.stdout)["token"]
+        cores[ident] = Core(ident, json.loads(result.stdout)["token"], {})
     trace = Trace(d.data_dir)  # what is there now is durable: the base of every state
-    trace_file = tmp_path / "trace.txt"
-    d.command = [*strace_command(trace_file), *d.command]
     streamers = []
     try:
         d.start()
         for n, (ident, channels) in enumerate(CORES.items()):
             low, high = (int(c) for c in channels.split("-"))
+            channels = list(range(low, high + 1))
             streamers.append(
                 Streamer(
                     d,
                     ident,
-                    tokens[ident],
-                    list(range(low, high + 1)),
+                    cores[ident].token,
+                    channels,
                     seed=SEED + n,
                     timeout=TIMEOUT,
                     rate=RATE,
@@ -260,36 +305,56 @@ def recorded(tmp_path):
             s.start()
         wait = [s.client for s in streamers]
         wait_for(lambda: all(c.welcomes for c in wait), TIMEOUT, "the cores' WELCOMEs")
-        ports = {s.client._sock.getsockname()[1]: s for s in streamers}
+        ports = {s.client._sock.getsockname()[1]: s.core for s in streamers}
         wal = d.data_dir / "wal"
         wait_for(lambda: len(list_segments(wal)) >= SEGMENTS, 60.0, f"{SEGMENTS} segments")
         for s in streamers:
             s.finish()
-        os.kill(daemon_pid(d.proc.pid), signal.SIGTERM)  # the daemon, not strace
-        assert d.proc.wait(TIMEOUT) == 0, d.log()[-3000:]
-        d.proc = None
+            cores[s.core].sent = s.sent
+        stop_traced(d)
     finally:
         for s in streamers:
             s.stopping.set()
-        if d.proc is not None:
-            pid = daemon_pid(d.proc.pid)
-            if pid:
-                os.kill(pid, signal.SIGKILL)
-            d.kill()
+        stop_traced(d)
     trace.read(trace_file)
     trace_file.unlink()  # tens of MB
-    return trace, ports, tokens
+    return cores, trace, ports
 
 
-def pick_states(trace: Trace) -> list[tuple[int, int, object]]:
-    """STATES distinct states (seeded): (number, trace point, state)."""
-    rng = random.Random(SEED)
+def record_recovery(tmp: Path, base: Cut, cores: dict[str, Core]) -> tuple[Trace, dict[int, str]]:
+    """Run 2: the daemon on `base` (a state with stale blocks of a torn commit): recovery,
+    then the cores reconnect and resend what they had sent."""
+    (tmp / "recovery").mkdir()
+    d, trace_file = traced(tmp, "recovery", STATE_CONFIG)
+    base.state.write_to(d.data_dir)
+    trace = Trace(d.data_dir)
+    ports = {}
+    try:
+        d.start()
+        for core in cores.values():
+            with Client(d.host, d.port, core.ident, core.token, timeout=TIMEOUT) as client:
+                ports[client._sock.getsockname()[1]] = core.ident
+                for seq in range(client.acked + 1, base.sent[core.ident] + 1):
+                    channel, ts_ns, payload = core.sent[seq]
+                    assert client.send(channel, payload, ts_ns) == seq
+                client.flush()
+        stop_traced(d)
+    finally:
+        stop_traced(d)
+    trace.read(trace_file)
+    trace_file.unlink()
+    return trace, ports
+
+
+def pick_states(trace: Trace, count: int, seed: str) -> list[tuple[int, int, State]]:
+    """`count` distinct states (seeded): (number, trace point, state)."""
+    rng = random.Random(seed)
     points = trace.points()
     seen: set[str] = set()
     picked = []
-    for n in range(50 * STATES):
+    for n in range(50 * count):
         point = rng.choice(points)
-        state = trace.state(point, random.Random(f"{SEED}/{n}"))
+        state = trace.state(point, random.Random(f"{seed}/{n}"))
         digest = hashlib.sha256()
         for path, content in sorted(state.files().items()):
             digest.update(f"{path}\0{-1 if content is None else len(content)}\0".encode())
@@ -298,12 +363,37 @@ def pick_states(trace: Trace) -> list[tuple[int, int, object]]:
         if digest not in seen:
             seen.add(digest)
             picked.append((n, point, state))
-            if len(picked) == STATES:
+            if len(picked) == count:
                 break
     return picked
 
 
-def check_state(zygote, tmp: Path, number: int, point: int, state, trace, ports, tokens) -> dict:
+def by_core(found: dict[int, int], ports: dict[int, str]) -> dict[str, int]:
+    out = dict.fromkeys(ports.values(), 0)
+    for port, seq in found.items():
+        if port in ports:
+            out[ports[port]] = max(out[ports[port]], seq)
+    return out
+
+
+def has_stale_blocks(state: State) -> bool:
+    """Whether the newest segment holds valid records after a gap: what a torn commit that
+    lost an earlier block and kept a later one leaves."""
+    segments = sorted(
+        (segment_number(Path(p)), data)
+        for p, data in state.files().items()
+        if data and segment_number(Path(p)) is not None
+    )
+    if not segments:
+        return False
+    number, data = segments[-1]
+    gaps = []
+    for _ in SegmentReader(data, number, report=gaps.append).records():
+        pass
+    return any(g.resumed is not None for g in gaps)
+
+
+def check_state(zygote: Zygote, tmp: Path, number: int, cut: Cut, cores: dict[str, Core]) -> dict:
     """Run the daemon on one state; returns {"failure": str or None, timings}.
 
     The cores come back one at a time with a restart in between: the one that comes back
@@ -311,11 +401,8 @@ def check_state(zygote, tmp: Path, number: int, point: int, state, trace, ports,
     back once more, finds its replay window rebuilt by that restart."""
     (tmp / f"state{number}").mkdir()
     d = ForkedDaemon(tmp / f"state{number}" / "data", STATE_CONFIG, zygote)
-    state.write_to(d.data_dir)
-    acked, received = trace.acked(point), trace.received(point)
-    # what each core had sent by the cut: at least what the daemon had read of it
-    upto = {s.core: received.get(port, 0) for port, s in ports.items()}
-    first, late = list(ports.items())[:: 1 if number % 2 else -1]
+    cut.state.write_to(d.data_dir)
+    first, late = list(cores.values())[:: 1 if number % 2 else -1]
     out = {"failure": None}
     try:
         t0 = time.monotonic()
@@ -323,44 +410,43 @@ def check_state(zygote, tmp: Path, number: int, point: int, state, trace, ports,
         out["start"] = time.monotonic() - t0
         m = RECOVERED.search(d.log())
         out["recovery"] = float(m.group(1)) if m else None
-        for n, (port, streamer) in enumerate((first, late)):
+        for n, core in enumerate((first, late)):
             if n:
                 assert d.stop() == 0, "the first stop did not exit 0"
                 d.start()
-            core, sent = streamer.core, streamer.sent
-            with Client(d.host, d.port, core, tokens[core], timeout=TIMEOUT) as client:
+            name, upto = core.ident, cut.sent[core.ident]
+            with Client(d.host, d.port, name, core.token, timeout=TIMEOUT) as client:
                 last_seq = client.acked  # WELCOME's last_seq
-                assert acked.get(port, 0) <= last_seq <= upto[core], (
-                    f"{core}: WELCOME last_seq {last_seq}, but ACKed {acked.get(port, 0)}"
-                    f" and sent {upto[core]} before the cut"
+                assert cut.promised[name] <= last_seq <= upto, (
+                    f"{name}: WELCOME last_seq {last_seq}, but promised"
+                    f" {cut.promised[name]} and sent {upto} before the cut"
                 )
-                for seq in range(last_seq + 1, upto[core] + 1):  # the same seqs again
-                    channel, ts_ns, payload = sent[seq]
+                for seq in range(last_seq + 1, upto + 1):  # the same seqs again
+                    channel, ts_ns, payload = core.sent[seq]
                     assert client.send(channel, payload, ts_ns) == seq
                 client.flush()
                 assert client.rejected == [], client.rejected[:5]
-        core = first[1].core
-        with Client(d.host, d.port, core, tokens[core], timeout=TIMEOUT) as client:
-            assert client.acked == upto[core], f"{core}: WELCOME after the restart"
+        with Client(d.host, d.port, first.ident, first.token, timeout=TIMEOUT) as client:
+            assert client.acked == cut.sent[first.ident], f"{first.ident}: WELCOME after restart"
         assert d.stop() == 0, "the last stop did not exit 0"
         wal = d.data_dir / "wal"
         aside = sorted(p.name for p in wal.glob("*" + QUARANTINE_SUFFIX))
         assert not aside, f"set aside: {aside}"
-        by_core: dict[str, Counter] = {s.core: Counter() for s in ports.values()}
+        stored: dict[str, Counter] = {name: Counter() for name in cores}
         for rec in read_records(wal):  # what `dump` prints
-            sent = next((s.sent for s in ports.values() if s.core == rec.identity), None)
-            assert sent is not None, f"stored for an unknown identity {rec.identity!r}"
-            assert sent.get(rec.seq) == (rec.channel, rec.ts_ns, rec.payload), (
+            assert rec.identity in cores, f"stored for an unknown identity {rec.identity!r}"
+            assert cores[rec.identity].sent.get(rec.seq) == (rec.channel, rec.ts_ns, rec.payload), (
                 f"{rec.identity} seq {rec.seq}: stored but never sent like this"
             )
-            by_core[rec.identity][rec.seq] += 1
-        for s in ports.values():
-            twice = sorted(seq for seq, n in by_core[s.core].items() if n > 1)
-            missing = sorted(set(range(1, upto[s.core] + 1)) - set(by_core[s.core]))
-            unsent = sorted(seq for seq in by_core[s.core] if seq > upto[s.core])
-            assert not twice, f"{s.core}: stored twice: {twice[:10]} ({len(twice)} in all)"
-            assert not missing, f"{s.core}: missing: {missing[:10]} ({len(missing)} in all)"
-            assert not unsent, f"{s.core}: stored, never sent: {unsent[:10]} ({len(unsent)})"
+            stored[rec.identity][rec.seq] += 1
+        for name, seqs in stored.items():
+            upto = cut.sent[name]
+            twice = sorted(seq for seq, n in seqs.items() if n > 1)
+            missing = sorted(set(range(1, upto + 1)) - set(seqs))
+            unsent = sorted(seq for seq in seqs if seq > upto)
+            assert not twice, f"{name}: stored twice: {twice[:10]} ({len(twice)} in all)"
+            assert not missing, f"{name}: missing: {missing[:10]} ({len(missing)} in all)"
+            assert not unsent, f"{name}: stored, never sent: {unsent[:10]} ({len(unsent)})"
         assert "Traceback" not in d.log(), d.log()[-2000:]
         shutil.rmtree(d.data_dir.parent)
     except Exception as exc:  # every state is reported, not just the first
@@ -373,29 +459,53 @@ def check_state(zygote, tmp: Path, number: int, point: int, state, trace, ports,
     return out
 
 
-def test_every_acked_frame_survives_a_power_cut_exactly_once(recorded, tmp_path):
-    trace, ports, tokens = recorded
-    states = pick_states(trace)
-    assert len(states) == STATES, f"only {len(states)} distinct states in the trace"
+def test_every_acked_frame_survives_a_power_cut_exactly_once(tmp_path):
+    if shutil.which("strace") is None:
+        pytest.fail("strace is missing: ./scripts/install-test-packages (.ci/debian-packages)")
+    cores, trace, ports = record_stream(tmp_path)
+    cuts = [
+        Cut(
+            f"stream state {n} (cut after trace line {point + 1})",
+            state,
+            by_core(trace.promised(point), ports),
+            by_core(trace.received(point), ports),
+        )
+        for n, point, state in pick_states(trace, STATES_STREAM, f"{SEED}/stream")
+    ]
+    assert len(cuts) == STATES_STREAM, f"only {len(cuts)} distinct states in the run"
+    base = next((c for c in cuts if has_stale_blocks(c.state)), None)
+    assert base is not None, "no state with stale blocks of a torn commit to recover from"
+    trace, ports = record_recovery(tmp_path, base, cores)
+    cuts += [
+        Cut(
+            f"recovery state {n} (cut after trace line {point + 1})",
+            state,
+            {k: max(v, base.promised[k]) for k, v in by_core(trace.promised(point), ports).items()},
+            base.sent,
+        )
+        for n, point, state in pick_states(trace, STATES_RECOVERY, f"{SEED}/recovery")
+    ]
+    assert len(cuts) == STATES_STREAM + STATES_RECOVERY, f"{len(cuts)} distinct states in all"
+
     zygote = Zygote()
     try:
         with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
             results = list(
                 pool.map(
-                    lambda s: (s, check_state(zygote, tmp_path, *s, trace, ports, tokens)),
-                    states,
+                    lambda nc: (nc[1], check_state(zygote, tmp_path, nc[0], nc[1], cores)),
+                    enumerate(cuts),
                 )
             )
     finally:
         zygote.close()
-    failures = [(n, point, r["failure"]) for (n, point, _), r in results if r["failure"]]
+    failures = [(cut.name, r["failure"]) for cut, r in results if r["failure"]]
     starts = [r["start"] for _, r in results if "start" in r]
     recoveries = [r["recovery"] for _, r in results if r.get("recovery") is not None]
     print(
-        f"\npower cut: {len(states)} states, {len(failures)} failed; daemon start to listening"
+        f"\npower cut: {len(cuts)} states, {len(failures)} failed; daemon start to listening"
         f" median {statistics.median(starts):.3f} s, max {max(starts):.3f} s; recovery"
         f" median {statistics.median(recoveries):.4f} s, max {max(recoveries):.4f} s"
     )
-    assert not failures, f"{len(failures)} of {len(states)} states fail:\n" + "\n".join(
-        f"  state {n} (cut after trace line {point + 1}): {why}" for n, point, why in failures
+    assert not failures, f"{len(failures)} of {len(cuts)} states fail:\n" + "\n".join(
+        f"  {name}: {why}" for name, why in failures
     )
