@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import resource
+import stat
 import sys
+import tempfile
 from pathlib import Path
 
 from appliance.auth.registry import Registry
-from appliance.config import Config
+from appliance.config import Config, ConfigError
 from appliance.console.serial_port import install as install_console
+from appliance.durable import fsync_dir, make_dirs
 from appliance.net.server import Server
 from appliance.store import wal_dir
 from appliance.store.wal import Store
@@ -32,24 +36,42 @@ def registry_path(data_dir: Path) -> Path:
 
 
 def ensure_data_dir(data_dir: Path) -> None:
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create the data dir (durably) and make it 0700: it holds every secret and frame.
+
+    ConfigError (one line) if it cannot be created or tightened, e.g. another user owns it.
+    """
+    try:
+        make_dirs(data_dir, 0o700)
+        if stat.S_IMODE(os.stat(data_dir).st_mode) != 0o700:
+            os.chmod(data_dir, 0o700)
+    except OSError as exc:
+        raise ConfigError(
+            f"storage.data_dir {data_dir}: cannot make it private (0700): {exc.strerror or exc}"
+        ) from None
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read, atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a file only its owner can read, atomically and durably. mkstemp creates the
+    temp file 0600 and exclusively, so no planted file or symlink is written through."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
 
 
 def ensure_dev_identity(config: Config, registry: Registry, out=sys.stdout) -> None:
     """On first start, create dev/core-0 and print its token once."""
     if not config.auth["dev_identity"] or registry.get(DEV_IDENTITY) is not None:
         return
+    # the default MAC policy (hmac-sha256, blake2s): "none" is for identities that opt in
     token = registry.add(DEV_IDENTITY, "core", module="dev", channels=DEV_CHANNELS)
     creds = {
         "id": DEV_IDENTITY,
@@ -101,6 +123,7 @@ STORE_KEYS = (
 
 
 def serve(config: Config) -> int:
+    ensure_data_dir(config.data_dir)  # first: the log file may live in it
     log_buffer = logs.setup(config)  # from here on every event is one structured line
     collector = gcwatch.install()
     limit = raise_fd_limit()
@@ -110,7 +133,6 @@ def serve(config: Config) -> int:
             limit,
             config.server["max_connections"],
         )
-    ensure_data_dir(config.data_dir)
     registry = Registry(registry_path(config.data_dir))
     registry.load()
     ensure_dev_identity(config, registry)

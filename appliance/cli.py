@@ -10,11 +10,13 @@ import ssl
 import sys
 
 from appliance import __version__, app
+from appliance.auth import provisioning
 from appliance.auth.registry import KINDS, Registry, RegistryError, parse_channels
 from appliance.client import Client, ClientError
 from appliance.config import ConfigError, parse_address
 from appliance.config import load as load_config
-from appliance.protocol.crypto import MAC_ALGORITHMS, token_to_secret
+from appliance.durable import fsync_dir
+from appliance.protocol.crypto import DEFAULT_MACS, MAC_ALGORITHMS, token_to_secret
 from appliance.store import tools
 from appliance.store.recovery import read_records
 from appliance.subscribers import export_cli, query_cli, runner
@@ -61,7 +63,7 @@ def cmd_identity_add(args, config) -> int:
         module=args.module,
         channels=parse_channels(args.channels) if args.channels else (),
         fingerprint=args.fingerprint,
-        macs=_mac_list(args.mac) if args.mac else MAC_ALGORITHMS,
+        macs=_mac_list(args.mac) if args.mac else DEFAULT_MACS,
         admin=args.admin,
     )
     identity = registry.get(args.id)
@@ -94,12 +96,94 @@ def cmd_identity_revoke(args, config) -> int:
     return 0
 
 
+def cmd_identity_rotate(args, config) -> int:
+    token = _registry(config).rotate(args.id)
+    print(json.dumps({"id": args.id, "token": token}))
+    return 0
+
+
+def cmd_identity_restore(args, config) -> int:
+    token = _registry(config).restore(args.id)
+    print(json.dumps({"id": args.id, "token": token}))
+    return 0
+
+
+def cmd_identity_bind(args, config) -> int:
+    fingerprint = None if args.clear else args.fingerprint
+    _registry(config).bind(args.id, fingerprint)
+    print(json.dumps({"id": args.id, "fingerprint": fingerprint}))
+    return 0
+
+
+def cmd_identity_import(args, config) -> int:
+    try:
+        fmt = provisioning.format_for(args.file, args.format)
+        with open(args.file, encoding="utf-8-sig", newline="") as f:  # a BOM from Excel
+            specs, rows = provisioning.read_specs(f, fmt)
+    except provisioning.ProvisioningError as exc:
+        raise CliError(f"import: {args.file}: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"import: {args.file}: cannot read: {_reason(exc)}") from None
+    # Created before the registry changes, so a name that is taken changes nothing.
+    out = _create_private(args.tokens_out) if args.tokens_out else None
+    try:
+        tokens = _add_rows(config, args.file, specs, rows)
+    except BaseException:
+        if out is not None:
+            out.close()
+            os.unlink(args.tokens_out)
+        raise
+    lines = "".join(json.dumps({"id": i, "token": t}) + "\n" for i, t in tokens.items())
+    if out is None:
+        sys.stdout.write(lines)
+        return 0
+    try:
+        with out:
+            out.write(lines)
+            out.flush()
+            os.fsync(out.fileno())
+        fsync_dir(os.path.dirname(os.path.abspath(args.tokens_out)))
+    except OSError as exc:
+        raise CliError(
+            f"import: {len(tokens)} identities were added, but their tokens could not be "
+            f"written to {args.tokens_out} ({_reason(exc)}): rotate them"
+        ) from None
+    print(json.dumps({"imported": len(tokens), "tokens": args.tokens_out}))
+    return 0
+
+
+def _add_rows(config, path: str, specs: list[dict], rows: list[int]) -> dict[str, str]:
+    """Registry.add_many, its error naming the row at fault."""
+    try:
+        return _registry(config).add_many(specs)
+    except RegistryError as exc:
+        where = f"row {rows[exc.index]}: " if exc.index is not None else ""
+        raise CliError(f"import: {path}: {where}{exc}") from None
+
+
+def cmd_identity_export(args, config) -> int:
+    provisioning.write_identities(sys.stdout, _registry(config).list(), args.format)
+    return 0
+
+
+def _create_private(path: str):
+    """A new file only its owner can read: never an existing file, never through a link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        raise CliError(f"{path}: cannot create: {_reason(exc)}") from None
+    return os.fdopen(fd, "w", encoding="utf-8")
+
+
+def _reason(exc: Exception) -> str:
+    return getattr(exc, "strerror", None) or str(exc)
+
+
 def cmd_send(args, config) -> int:
     try:
         address = parse_address(args.connect) if args.connect else config.listen
-        token = args.token or os.environ.get("MODULE_INGEST_TOKEN")
-        if not token:
-            raise CliError("send: give --token or set MODULE_INGEST_TOKEN")
+        token = _send_token(args.token_file)
         token_to_secret(token)
     except ValueError as exc:
         raise CliError(f"send: {exc}") from None
@@ -134,6 +218,36 @@ def cmd_send(args, config) -> int:
         print(f"module-ingest: frame {seq} rejected: {code} {message}", file=sys.stderr)
     print(json.dumps({"sent": count, "acked_seq": acked, "rejected": len(rejected)}))
     return EXIT_FAILED if rejected else 0
+
+
+TOKEN_ENV = "MODULE_INGEST_TOKEN"
+TOKEN_FILE_MAX = 4096  # a token is 43 characters; a credentials JSON file a few more
+
+
+def _send_token(token_file: str | None) -> str:
+    """The token from --token-file, else from $MODULE_INGEST_TOKEN. Never from the
+    command line, which every local user can read (ps, /proc/PID/cmdline)."""
+    if not token_file:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+        if not token:
+            raise CliError(f"send: give --token-file FILE or set {TOKEN_ENV}")
+        return token
+    try:
+        with open(token_file, "rb") as f:
+            data = f.read(TOKEN_FILE_MAX + 1)
+    except OSError as exc:
+        raise CliError(f"send: --token-file {token_file}: {_reason(exc)}") from None
+    if len(data) > TOKEN_FILE_MAX:
+        raise CliError(f"send: --token-file {token_file}: too large for a token")
+    text = data.decode("utf-8", "replace").strip()
+    if text.startswith("{"):  # a credentials file, like data/dev-credentials.json
+        try:
+            text = json.loads(text)["token"]
+        except (ValueError, KeyError, TypeError):
+            raise CliError(f"send: --token-file {token_file}: no token in it") from None
+        if not isinstance(text, str):
+            raise CliError(f"send: --token-file {token_file}: no token in it")
+    return text
 
 
 def cmd_dump(args, config) -> int:
@@ -186,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--module", help="the module a core belongs to")
     a.add_argument("--channels", help="channels it may write (users: read), e.g. 1,2,5-7")
     a.add_argument("--fingerprint", help="bind to this hardware fingerprint")
-    a.add_argument("--mac", help="allowed MAC algorithms, e.g. hmac-sha256,blake2s")
+    a.add_argument("--mac", help="allowed MAC algorithms (default: hmac-sha256,blake2s)")
     a.add_argument("--admin", action="store_true", help="users: may administer")
     a.set_defaults(func=cmd_identity_add)
     isub.add_parser("list", help="list identities (never secrets)").set_defaults(
@@ -195,10 +309,30 @@ def build_parser() -> argparse.ArgumentParser:
     r = isub.add_parser("revoke", help="revoke an identity; its connection is closed")
     r.add_argument("id")
     r.set_defaults(func=cmd_identity_revoke)
+    r = isub.add_parser("rotate", help="give an identity a new token (printed once)")
+    r.add_argument("id")
+    r.set_defaults(func=cmd_identity_rotate)
+    r = isub.add_parser("restore", help="make a revoked identity active, with a new token")
+    r.add_argument("id")
+    r.set_defaults(func=cmd_identity_restore)
+    b = isub.add_parser("bind", help="bind an identity to a hardware fingerprint, or clear it")
+    b.add_argument("id")
+    how = b.add_mutually_exclusive_group(required=True)
+    how.add_argument("--fingerprint", help="the fingerprint (replaces any binding)")
+    how.add_argument("--clear", action="store_true", help="remove the binding")
+    b.set_defaults(func=cmd_identity_bind)
+    m = isub.add_parser("import", help="add identities from a CSV or JSON-lines file")
+    m.add_argument("file")
+    m.add_argument("--tokens-out", help="write the new tokens here (a new file, 0600)")
+    m.add_argument("--format", choices=provisioning.FORMATS, help="default: by extension")
+    m.set_defaults(func=cmd_identity_import)
+    e = isub.add_parser("export", help="print every identity's settings (never a secret)")
+    e.add_argument("--format", choices=provisioning.FORMATS, default="csv")
+    e.set_defaults(func=cmd_identity_export)
 
     p = sub.add_parser("send", help="send stdin lines (or --file lines) as DATA frames")
     p.add_argument("--id", required=True)
-    p.add_argument("--token", help="token (default: $MODULE_INGEST_TOKEN)")
+    p.add_argument("--token-file", help=f"file holding the token (default: ${TOKEN_ENV})")
     p.add_argument("--channel", type=_channel, required=True)
     p.add_argument("--file")
     p.add_argument("--connect", help="host:port (default: server.listen of the config)")
@@ -222,19 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _join_token(argv: list[str]) -> list[str]:
-    """`--token T` as `--token=T`: a token may begin with "-", which argparse reads as an option."""
-    out = []
-    it = iter(argv)
-    for arg in it:
-        if arg == "--token":
-            arg = "--token=" + next(it, "")
-        out.append(arg)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(_join_token(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

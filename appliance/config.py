@@ -6,8 +6,10 @@ names the key and the file, so the CLI prints one line and exits non-zero.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +32,10 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, float | None]]] = {
     "server": {
         "name": (str, "module-ingest", None),
         "listen": (str, "127.0.0.1:7878", None),
-        "backlog": (int, 1024, 1),
+        "backlog": (int, 4096, 1),
         "max_connections": (int, 16384, 1),
         "max_handshakes": (int, 1024, 1),
-        "max_handshakes_per_source": (int, 64, 1),
+        "max_handshakes_per_source": (int, 256, 1),
         "max_payload": (int, 65536, 1),
         "handshake_timeout": (float, 10.0, 0.1),
         "idle_timeout": (float, 60.0, 0),
@@ -204,6 +206,7 @@ def load(path: str | os.PathLike | None = None, environ: dict | None = None) -> 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
         subscribers = _subscribers(data.pop("subscribers", {}), str(path))
+        warn_if_secrets_exposed(path, subscribers)
         for section, keys in data.items():
             if section not in SCHEMA or not isinstance(keys, dict):
                 raise ConfigError(f"{path}: unknown section [{section}]")
@@ -256,3 +259,32 @@ def _subscribers(tables: Any, where: str) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"{where}: {key}.identities must be a list of identity ids")
         out[name] = dict(table)
     return out
+
+
+# Option names that hold a credential (a "..._file" option names a file instead).
+SECRET_OPTION = re.compile(r"secret|password|token|private_key", re.IGNORECASE)
+
+
+def warn_if_secrets_exposed(path: str | os.PathLike, subscribers: dict[str, dict]) -> None:
+    """Warn once if the config file holds a subscriber secret and others may read it."""
+    names = [
+        f"subscribers.{name}.{key}"
+        for name, table in subscribers.items()
+        for key, value in table.items()
+        if SECRET_OPTION.search(key) and not key.endswith("_file") and value
+    ]
+    if not names:
+        return
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return  # it was just read; a file that vanished since is not this check's business
+    if mode & 0o044:
+        logging.getLogger("appliance.config").warning(
+            "config %s holds secrets (%s) and is readable by %s (mode %04o): make it 0600, "
+            "owned by the user the daemon runs as, or move them to the environment",
+            path,
+            ", ".join(names),
+            "others" if mode & 0o004 else "its group",
+            mode,
+        )

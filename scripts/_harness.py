@@ -34,6 +34,7 @@ from _procfs import (
 )
 
 from appliance.auth.registry import Registry
+from appliance.protocol.crypto import MAC_ALGORITHMS
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"  # has the daemon's dependencies (scripts/serve)
@@ -98,6 +99,7 @@ class Daemon:
                 "kind": "core",
                 "module": "bench",
                 "channels": [CHANNEL],
+                "macs": MAC_ALGORITHMS,  # --mac none is measured too: opt in to it
             }
             for n in range(self.connections)
         )
@@ -109,6 +111,8 @@ class Daemon:
             "idle_timeout = 0\n"
             "handshake_timeout = 60.0\n"
             f"max_connections = {self.connections + 64}\n"
+            # every core of a benchmark comes from 127.0.0.1: one source, not a fleet's many
+            "max_handshakes_per_source = 1024\n"
             "[auth]\n"
             "dev_identity = false\n"
             + (f"[storage]\n{self.storage}" if self.storage else "")

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from appliance.auth import registry as registry_module
 from appliance.auth.handshake import authenticate
 from appliance.auth.registry import KINDS, Identity, Registry, RegistryError, parse_channels
 from appliance.protocol import crypto
@@ -56,7 +57,7 @@ def test_add_get_list_revoke_round_trip(registry, path):
         frozenset({7}),
         FP,
     )
-    assert core.macs == frozenset(crypto.MAC_ALGORITHMS)
+    assert core.macs == frozenset(crypto.DEFAULT_MACS)  # "none" is opt-in
     assert not core.admin and not core.revoked
     assert abs(core.created_ns - time.time_ns()) < 60 * 10**9
     alice = registry.get("alice")
@@ -327,7 +328,7 @@ def test_concurrent_adds_from_two_processes_lose_none(path, tmp_path):
 
 def hello_for(ident: str, secret: bytes, fingerprint: str = "", mac: str = "hmac-sha256") -> dict:
     """A HELLO as the session hands it over: built as JSON and parsed by parse_hello."""
-    proof = crypto.hello_proof(secret, SN, CN, ident, fingerprint)
+    proof = crypto.hello_proof(secret, SN, CN, ident, fingerprint, mac)
     payload = {"id": ident, "nonce": CN, "fingerprint": fingerprint, "mac": mac, "proof": proof}
     hello = parse_hello(json.dumps(payload).encode())
     assert hello is not None
@@ -365,7 +366,7 @@ def test_protocol_test_vector_from_a_hand_written_file(path):
         "nonce": CN,
         "fingerprint": FP,
         "mac": "hmac-sha256",
-        "proof": "ee1c1ba32ebba2e6f11596ef7129b5d9261846c8a2aca3705459278dc3ee5d60",
+        "proof": "7d5a2f84d47de8a325764f41c7e91c6924fe56aa3abbc84980bd58fbe7fdb281",  # §8, rev. 2
     }
     identity = authenticate(Registry(path), hello, SN)
     assert identity is not None and identity.secret == bytes(range(32))
@@ -468,7 +469,9 @@ def test_add_many_writes_once_and_returns_every_token(registry, path, monkeypatc
     writes = []
     real_write = Registry._write
     monkeypatch.setattr(
-        Registry, "_write", lambda self, ids: writes.append(len(ids)) or real_write(self, ids)
+        Registry,
+        "_write",
+        lambda self, ids, previous: writes.append(len(ids)) or real_write(self, ids, previous),
     )
     registry.add("m-1", "module", channels=[1])
     specs = [
@@ -486,7 +489,7 @@ def test_add_many_writes_once_and_returns_every_token(registry, path, monkeypatc
         assert fresh.get(ident).secret == crypto.token_to_secret(token)
     core = fresh.get("m-1/core-7")
     assert (core.kind, core.module, core.channels) == ("core", "m-1", frozenset({1, 2}))
-    assert core.macs == frozenset(crypto.MAC_ALGORITHMS)
+    assert core.macs == frozenset(crypto.DEFAULT_MACS)  # "none" is opt-in
     bob = fresh.get("bob")
     assert bob.admin and bob.macs == {"blake2s"}
     assert len(set(tokens.values())) == len(tokens)
@@ -518,3 +521,143 @@ def test_add_many_is_all_or_nothing(registry, path, spec, message):
     assert path.read_bytes() == before
     assert [i.id for i in Registry(path).list()] == ["old"]
     assert [i.id for i in registry.list()] == ["old"]
+
+
+# -- lifecycle: rotate, restore, bind --------------------------------------------------
+
+
+def test_rotate_gives_a_new_secret_and_reports_the_identity(path):
+    cli = Registry(path)
+    old = cli.add("a", "module", channels=[1])
+    daemon = Registry(path)
+    assert daemon.get("a").secret == crypto.token_to_secret(old)  # handed out, as at a HELLO
+    assert daemon.reload_if_changed() == set()
+
+    new = cli.rotate("a")
+    assert new != old
+    assert daemon.reload_if_changed() == {"a"}  # its open connection must go
+    assert daemon.get("a").secret == crypto.token_to_secret(new)
+    assert daemon.get("a").channels == {1} and not daemon.get("a").revoked
+    assert daemon.reload_if_changed() == set()
+
+
+def test_rotations_in_one_clock_tick_are_each_seen(path):
+    """A rotation keeps the file's size; the writer moves the mtime on, so a reader that
+    polls by (inode, size, mtime) cannot take the new file for the one it has."""
+    cli = Registry(path)
+    cli.add("a", "module")
+    daemon = Registry(path)
+    daemon.get("a")
+    for _ in range(20):
+        before = os.stat(path)
+        token = cli.rotate("a")
+        after = os.stat(path)
+        assert after.st_mtime_ns > before.st_mtime_ns and after.st_size == before.st_size
+        assert daemon.reload_if_changed() == {"a"}
+        assert daemon.get("a").secret == crypto.token_to_secret(token)
+
+
+def test_rotate_and_restore_refuse_the_wrong_state(registry):
+    registry.add("a", "module")
+    with pytest.raises(RegistryError, match="not revoked"):
+        registry.restore("a")
+    registry.revoke("a")
+    with pytest.raises(RegistryError, match="revoked: restore it"):
+        registry.rotate("a")
+    for operation in (registry.rotate, registry.restore, registry.revoke):
+        with pytest.raises(RegistryError, match="unknown identity"):
+            operation("nobody")
+
+
+def test_restore_keeps_the_settings_with_a_new_secret(registry, path):
+    old = registry.add("c", "core", module="m", channels=[3], fingerprint=FP, macs=["blake2s"])
+    registry.revoke("c")
+    new = registry.restore("c")
+    restored = Registry(path).get("c")
+    assert restored.secret == crypto.token_to_secret(new) != crypto.token_to_secret(old)
+    assert not restored.revoked
+    assert (restored.channels, restored.fingerprint, restored.macs) == ({3}, FP, {"blake2s"})
+
+
+def test_a_revoked_id_can_be_added_again_but_not_an_active_one(registry):
+    registry.add("a", "module", channels=[1])
+    registry.revoke("a")
+    token = registry.add("a", "user", channels=[2])
+    again = registry.get("a")
+    assert (again.kind, again.channels, again.revoked) == ("user", {2}, False)
+    assert again.secret == crypto.token_to_secret(token)
+    with pytest.raises(RegistryError, match="already exists"):
+        registry.add("a", "user")
+    registry.revoke("a")
+    with pytest.raises(RegistryError, match=r"already exists \(revoked\)") as info:
+        registry.add_many([{"ident": "b", "kind": "module"}, {"ident": "a", "kind": "module"}])
+    assert info.value.index == 1
+    assert registry.get("b") is None
+
+
+def test_bind_sets_replaces_and_clears_a_fingerprint(registry, path):
+    registry.add("a", "module")
+    registry.bind("a", FP)
+    assert Registry(path).get("a").fingerprint == FP
+    registry.bind("a", OTHER_FP)
+    assert Registry(path).get("a").fingerprint == OTHER_FP
+    registry.bind("a", None)
+    assert Registry(path).get("a").fingerprint is None
+    with pytest.raises(RegistryError, match="bad fingerprint"):
+        registry.bind("a", "two words")
+    with pytest.raises(RegistryError, match="unknown identity"):
+        registry.bind("nobody", FP)
+
+
+def test_a_user_never_authenticates(registry):
+    token = registry.add("alice", "user", channels=[1], admin=True)
+    secret = crypto.token_to_secret(token)
+    for mac in crypto.DEFAULT_MACS:
+        assert authenticate(registry, hello_for("alice", secret, mac=mac), SN) is None
+
+
+# -- the file: one line per identity, parsed when looked up ------------------------------
+
+
+def test_the_file_has_one_line_per_identity_and_is_plain_json(registry, path):
+    registry.add_many([{"ident": f"m-{n}", "kind": "module"} for n in range(3)])
+    registry.add('q"uote\\d', "module")  # an id JSON must escape
+    lines = path.read_bytes().splitlines()
+    assert lines[0] == b'{"version": 1, "identities": {' and lines[-1] == b"}}"
+    assert len(lines) == 2 + 4
+    doc = json.loads(path.read_bytes())
+    assert sorted(doc["identities"]) == sorted(["m-0", "m-1", "m-2", 'q"uote\\d'])
+    assert Registry(path).get('q"uote\\d') is not None
+
+
+def test_a_bad_line_refuses_that_identity_only(path, caplog):
+    cli = Registry(path)
+    cli.add("good", "module")
+    cli.add("bad", "module")
+    path.write_text(path.read_text().replace('"kind": "module"', '"kind": "robot"', 1))
+    daemon = Registry(path)
+    with caplog.at_level("ERROR", logger="appliance.auth.registry"):
+        assert daemon.get("bad") is None  # "bad" sorts first: its line was edited
+        assert daemon.get("bad") is None
+    assert [r.getMessage().count("bad kind") for r in caplog.records] == [1]  # logged once
+    assert daemon.get("good") is not None
+    with pytest.raises(RegistryError, match="identity 'bad': bad kind"):
+        daemon.list()
+
+
+def test_an_unchanged_line_is_not_parsed_again(path, monkeypatch):
+    cli = Registry(path)
+    cli.add_many([{"ident": f"m-{n}", "kind": "module"} for n in range(100)])
+    daemon = Registry(path)
+    assert len(daemon.list()) == 100
+    parsed = []
+    real = registry_module._parse_line
+    monkeypatch.setattr(
+        registry_module, "_parse_line", lambda i, line: parsed.append(i) or real(i, line)
+    )
+    cli.rotate("m-7")
+    cli.add("new", "module")
+    assert daemon.reload_if_changed() == {"m-7"}
+    assert parsed == ["m-7"]  # to learn whether its connection must go
+    assert daemon.get("new") is not None and daemon.get("m-8") is not None
+    assert parsed == ["m-7", "new"]

@@ -24,6 +24,7 @@ from hw.profiles import PROFILES, detect
 TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
 DUMP_KEYS = {"id", "channel", "seq", "ts_ns", "recv_ns", "payload_b64"}
 DEV = "dev/core-0"
+ALL_MACS = ",".join(crypto.MAC_ALGORITHMS)  # "none" too: an identity must opt in to it
 
 
 def run(
@@ -169,9 +170,11 @@ def test_identity_revoke(tmp_path):
     listed = {i["id"]: i for i in json_lines(ok(cli("identity", "list", data_dir=data)))}
     assert listed["u1"]["revoked"] is True
     assert listed["u2"]["revoked"] is False
-    # revoking again is harmless; the id stays taken
+    # revoking again is harmless; an active id stays taken, a revoked one can be re-added
     ok(cli("identity", "revoke", "u1", data_dir=data))
-    one_line_error(cli("identity", "add", "u1", "--kind", "user", data_dir=data), "u1")
+    one_line_error(cli("identity", "add", "u2", "--kind", "user", data_dir=data), "u2")
+    readded = json.loads(ok(cli("identity", "add", "u1", "--kind", "module", data_dir=data)))
+    assert (readded["kind"], readded["revoked"]) == ("module", False)
 
 
 def test_revoke_closes_the_connection_and_refuses_the_next(daemon):
@@ -474,11 +477,15 @@ def test_serve_with_a_bad_config_is_a_one_line_error(tmp_path):
 
 
 def send(daemon, *args: str, ident: str = DEV, token: str | None = None, stdin=None):
+    """`send` with the token in a --token-file, never on the command line."""
+    token_file = daemon.data_dir.parent / "token"
+    token_file.write_text((token or daemon.dev_token) + "\n")
     return cli(
         "send",
         "--id",
         ident,
-        f"--token={token or daemon.dev_token}",  # a token may start with "-"
+        "--token-file",
+        str(token_file),
         "--connect",
         f"{daemon.host}:{daemon.port}",
         *args,
@@ -513,9 +520,17 @@ def test_send_reads_a_file(daemon, tmp_path):
 
 @pytest.mark.parametrize("mac", ["hmac-sha256", "blake2s", "none"])
 def test_send_with_each_mac(daemon, mac):
-    summary = json.loads(ok(send(daemon, "--channel", "1", "--mac", mac, stdin=b"x\n")))
+    token = daemon.add_identity("m-1", "--kind", "module", "--channels", "1", "--mac", ALL_MACS)
+    result = send(daemon, "--channel", "1", "--mac", mac, ident="m-1", token=token, stdin=b"x\n")
+    summary = json.loads(ok(result))
     assert summary["rejected"] == 0 and summary["acked_seq"] == 1
     assert len(dump(daemon.data_dir)) == 1
+
+
+def test_mac_none_is_opt_in(daemon):
+    """The default policy (the dev identity's too) is hmac-sha256 and blake2s."""
+    one_line_error(send(daemon, "--channel", "1", "--mac", "none", stdin=b"x\n"), "AUTH_FAILED")
+    assert dump(daemon.data_dir) == []
 
 
 def test_send_reports_rejected_frames(daemon):
@@ -533,6 +548,12 @@ def test_send_errors_are_one_line(daemon, tmp_path):
         cli("send", "--id", DEV, "--channel", "1", data_dir=daemon.data_dir, stdin=b"x\n"),
         "token",
     )
+    for token_file in (tmp_path / "missing", tmp_path):
+        one_line_error(
+            cli("send", "--id", DEV, "--channel", "1", "--token-file", str(token_file),
+                data_dir=daemon.data_dir, stdin=b"x\n"),
+            "--token-file",
+        )  # fmt: skip
     wrong = crypto.secret_to_token(b"\x01" * 32)
     one_line_error(send(daemon, "--channel", "1", token=wrong, stdin=b"x\n"), "AUTH_FAILED")
     one_line_error(send(daemon, "--channel", "1", "--file", str(tmp_path / "nope")), "nope")
@@ -542,18 +563,14 @@ def test_send_errors_are_one_line(daemon, tmp_path):
 def test_send_to_nothing_listening_is_a_one_line_error(tmp_path, daemon):
     port = daemon.port
     assert daemon.stop() == 0
-    result = cli(
-        "send",
-        "--id",
-        DEV,
-        f"--token={daemon.dev_token}",
+    result = send(
+        daemon,
         "--connect",
         f"127.0.0.1:{port}",
         "--timeout",
         "0.5",
         "--channel",
         "1",
-        data_dir=tmp_path,
         stdin=b"x\n",
     )
     one_line_error(result, "cannot reach")
@@ -584,36 +601,22 @@ def test_send_of_a_line_longer_than_max_payload_ends_with_an_error(daemon_factor
     ok(run(*args, env=env, stdin=b"small\n"))
 
 
-def test_send_accepts_a_token_that_starts_with_a_dash(daemon_factory):
-    """A token is unpadded base64url, so 1 in 64 begins with "-": `--token TOKEN`, as the help
-    shows it, must work for those too."""
-    d = daemon_factory(start=False)
-    secret = b"\xf8" + bytes(range(31))
-    token = crypto.secret_to_token(secret)
-    assert token.startswith("-")
-    d.data_dir.mkdir(mode=0o700)
-    entry = {
-        "kind": "core",
-        "module": "m-9",
-        "token": token,
-        "channels": [1],
-        "fingerprint": None,
-        "macs": ["hmac-sha256"],
-        "admin": False,
-        "revoked": False,
-        "created_ns": 1,
-    }
-    registry = d.data_dir / "identities.json"
-    registry.write_text(json.dumps({"version": 1, "identities": {"m-9/core-0": entry}}))
-    registry.chmod(0o600)
-    d.start()
-    with connect(d, "m-9/core-0", token):  # the library takes it
-        pass
-    result = cli(
-        "send", "--id", "m-9/core-0", "--token", token, "--channel", "1",
-        "--connect", f"{d.host}:{d.port}", data_dir=d.data_dir, stdin=b"dash\n",
-    )  # fmt: skip
-    assert json.loads(ok(result)) == {"sent": 1, "acked_seq": 1, "rejected": 0}
+def test_send_takes_the_token_from_the_environment_or_a_file_never_the_command_line(
+    daemon, tmp_path
+):
+    """A command line is readable by every local user (ps); the environment and a 0600
+    file are not. A credentials file like dev-credentials.json works as a token file."""
+    address = ["--connect", f"{daemon.host}:{daemon.port}", "--channel", "1"]
+    env = {"MODULE_INGEST_DATA_DIR": str(daemon.data_dir), "MODULE_INGEST_TOKEN": daemon.dev_token}
+    ok(run("send", "--id", DEV, *address, env=env, stdin=b"from the environment\n"))
+    creds = daemon.data_dir / "dev-credentials.json"
+    result = cli("send", "--id", DEV, "--token-file", str(creds), *address,
+                 data_dir=daemon.data_dir, stdin=b"from a file\n")  # fmt: skip
+    assert json.loads(ok(result)) == {"sent": 1, "acked_seq": 2, "rejected": 0}
+    result = cli("send", "--id", DEV, "--token", daemon.dev_token, *address,
+                 data_dir=daemon.data_dir, stdin=b"x\n")  # fmt: skip
+    assert result.returncode == 2 and b"--token" in result.stderr
+    assert [f["seq"] for f in dump(daemon.data_dir)] == [1, 2]
 
 
 def test_send_with_a_malformed_token_is_a_one_line_error(daemon):
@@ -621,16 +624,12 @@ def test_send_with_a_malformed_token_is_a_one_line_error(daemon):
 
 
 def test_send_with_a_bad_connect_address_is_a_one_line_error(daemon):
-    result = cli(
-        "send",
-        "--id",
-        DEV,
-        f"--token={daemon.dev_token}",
+    result = send(
+        daemon,
         "--connect",
         "nowhere",
         "--channel",
         "1",
-        data_dir=daemon.data_dir,
         stdin=b"x\n",
     )
     one_line_error(result, "nowhere")
@@ -736,3 +735,149 @@ def test_serve_on_a_port_in_use_fails_with_one_line_and_no_traceback(daemon, tmp
     assert last.startswith("module-ingest: ") and "in use" in last, err
     # the first daemon is unharmed
     assert daemon.proc.poll() is None
+
+
+# -- identity import / export ---------------------------------------------------------
+
+FLEET_CSV = """id,kind,module,channels,fingerprint,mac
+m-1,module,,,,
+m-1/core-0,core,m-1,"1,2,5-7",sha256:abc,hmac-sha256
+m-1/core-1,core,m-1,3,,"blake2s,none"
+ops,user,,1-8,,
+"""
+
+
+def registry_bytes(data: Path) -> bytes:
+    path = data / "identities.json"
+    return path.read_bytes() if path.exists() else b""
+
+
+def test_import_csv_prints_the_tokens_and_the_identities_work(daemon, tmp_path):
+    fleet = tmp_path / "fleet.csv"
+    fleet.write_text(FLEET_CSV)
+    tokens = json_lines(ok(cli("identity", "import", str(fleet), data_dir=daemon.data_dir)))
+    assert [t["id"] for t in tokens] == ["m-1", "m-1/core-0", "m-1/core-1", "ops"]
+    assert all(set(t) == {"id", "token"} for t in tokens)
+    listed = {i["id"]: i for i in json_lines(ok(cli("identity", "list", data_dir=daemon.data_dir)))}
+    core = listed["m-1/core-0"]
+    assert (core["kind"], core["module"], core["channels"]) == ("core", "m-1", [1, 2, 5, 6, 7])
+    assert (core["fingerprint"], core["mac"]) == ("sha256:abc", ["hmac-sha256"])
+    assert listed["m-1"]["mac"] == ["blake2s", "hmac-sha256"]  # the default policy
+    assert listed["m-1/core-1"]["mac"] == ["blake2s", "none"]
+    # the running daemon picks them up like any other change
+    token = {t["id"]: t["token"] for t in tokens}["m-1"]
+    with connect(daemon, "m-1", token) as module:
+        module.send(0, b"provisioned")
+
+
+def test_import_jsonl_to_a_private_tokens_file_that_is_never_overwritten(tmp_path):
+    data = tmp_path / "data"
+    fleet = tmp_path / "fleet.jsonl"
+    rows = [
+        {"id": "m-2/core-0", "kind": "core", "module": "m-2", "channels": "1-3"},
+        {"id": "m-2/core-1", "kind": "core", "module": "m-2", "channels": [4, 5], "mac": None},
+    ]
+    fleet.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "tokens.jsonl"
+    summary = json.loads(ok(cli("identity", "import", str(fleet), "--tokens-out", str(out),
+                                data_dir=data)))  # fmt: skip
+    assert summary == {"imported": 2, "tokens": str(out)}
+    assert mode(out) == 0o600
+    tokens = json_lines(out.read_text())
+    assert [t["id"] for t in tokens] == ["m-2/core-0", "m-2/core-1"]
+
+    before, written = registry_bytes(data), out.read_bytes()
+    fleet.write_text(json.dumps({"id": "m-3", "kind": "module"}) + "\n")
+    one_line_error(cli("identity", "import", str(fleet), "--tokens-out", str(out), data_dir=data),
+                   str(out))  # fmt: skip
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(tmp_path / "victim")
+    one_line_error(cli("identity", "import", str(fleet), "--tokens-out", str(link), data_dir=data),
+                   str(link))  # fmt: skip
+    assert not (tmp_path / "victim").exists()
+    assert out.read_bytes() == written and registry_bytes(data) == before
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("id,kind,colour\nm,module,red\n", "row 1: unknown key 'colour'"),
+        ("id,kind,channels\na,module,1\nb,module,9-3\n", "row 3: reversed channel range"),
+        ("id,kind,channels\na,module,70000\n", "row 2: channel 70000 out of range"),
+        ("id,kind\na,module\nb,module\na,module\n", "row 4: identity 'a' given twice"),
+        ("id,kind,module\na,module,\ndev/core-0,core,dev\n", "row 3: identity 'dev/core-0'"),
+        ("id,kind\na,robot\n", "row 2: bad kind"),
+        ("id,kind,mac\na,module,md5\n", "row 2: unknown MAC algorithm 'md5'"),
+        ("id,kind\na,module,extra\n", "row 2: 3 values for 2 keys"),
+        ("id,kind\n,module\n", "row 2: 'id' and 'kind' are required"),
+        ("", "row 1: empty file"),
+    ],
+)
+def test_import_is_all_or_nothing_with_one_line_naming_the_row(tmp_path, text, needle):
+    data = tmp_path / "data"
+    ok(cli("identity", "add", "dev/core-0", "--kind", "core", "--module", "dev", data_dir=data))
+    before = registry_bytes(data)
+    fleet = tmp_path / "fleet.csv"
+    fleet.write_text(text)
+    out = tmp_path / "tokens.jsonl"
+    result = cli("identity", "import", str(fleet), "--tokens-out", str(out), data_dir=data)
+    assert result.returncode == 2
+    one_line_error(result, needle, str(fleet))
+    assert registry_bytes(data) == before and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ("{not json", "row 2: not valid JSON"),
+        ("[1, 2]", "row 2: not a JSON object"),
+        ('{"id": "b", "kind": "module", "admin": true}', "row 2: unknown key 'admin'"),
+        ('{"id": "b", "kind": "module", "channels": [1, "2"]}', "row 2: 'channels' must be"),
+        ('{"id": 7, "kind": "module"}', "row 2: 'id' must be a string"),
+    ],
+)
+def test_import_jsonl_errors_name_the_row(tmp_path, line, needle):
+    data = tmp_path / "data"
+    fleet = tmp_path / "fleet.txt"  # no telling extension: --format says it
+    fleet.write_text('{"id": "a", "kind": "module"}\n' + line + "\n")
+    one_line_error(cli("identity", "import", str(fleet), "--format", "jsonl", data_dir=data),
+                   needle)  # fmt: skip
+    assert registry_bytes(data) == b""
+
+
+def test_import_of_a_file_it_cannot_read_or_tell_is_one_line(tmp_path):
+    data = tmp_path / "data"
+    one_line_error(cli("identity", "import", str(tmp_path / "nope.csv"), data_dir=data), "nope")
+    (tmp_path / "fleet.txt").write_text("id,kind\n")
+    one_line_error(cli("identity", "import", str(tmp_path / "fleet.txt"), data_dir=data),
+                   "--format")  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_export_never_shows_a_secret_and_round_trips_through_import(tmp_path, fmt):
+    first, second = tmp_path / "first", tmp_path / "second"
+    fleet = tmp_path / "fleet.csv"
+    fleet.write_text(FLEET_CSV)
+    tokens = json_lines(ok(cli("identity", "import", str(fleet), data_dir=first)))
+    ok(cli("identity", "add", "gone", "--kind", "module", data_dir=first))
+    ok(cli("identity", "revoke", "gone", data_dir=first))
+    exported = ok(cli("identity", "export", "--format", fmt, data_dir=first))
+    for token in tokens:
+        assert token["token"] not in exported
+    assert "gone" not in exported  # a revoked identity is not provisioned again
+    again = tmp_path / f"again.{fmt}"
+    again.write_text(exported)
+    new_tokens = json_lines(ok(cli("identity", "import", str(again), data_dir=second)))
+    assert [t["id"] for t in new_tokens] == [t["id"] for t in tokens]
+    assert {t["token"] for t in new_tokens}.isdisjoint(t["token"] for t in tokens)
+    assert ok(cli("identity", "export", "--format", fmt, data_dir=second)) == exported
+    if fmt == "csv":
+        assert exported.splitlines()[0] == "id,kind,module,channels,fingerprint,mac"
+        assert 'm-1/core-0,core,m-1,"1-2,5-7",sha256:abc,hmac-sha256' in exported
+
+
+def test_import_reads_a_spreadsheet_export_with_a_bom_and_crlf(tmp_path):
+    fleet = tmp_path / "fleet.csv"
+    fleet.write_bytes(b"\xef\xbb\xbf" + FLEET_CSV.replace("\n", "\r\n").encode())
+    tokens = json_lines(ok(cli("identity", "import", str(fleet), data_dir=tmp_path / "data")))
+    assert len(tokens) == 4

@@ -9,6 +9,7 @@ side of a pty; the test types on the master side, as a terminal on a serial line
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -303,6 +304,11 @@ def test_clients_and_kick(fx, tokens):
         "(handshake)  127.0.0.1:40001  -",
         "m-1/core-1   127.0.0.1:40000  blake2s",
     ]
+    # like revoke, kick is for admins: a user who may read must not cut cores off
+    assert fx.run("kick m-1/core-1") == ["kick: only an admin user may kick"]
+    assert fx.kicked == []
+    fx.run("logout")
+    fx.login(tokens["alice"])
     assert fx.run("kick m-1/core-1") == ["kicked m-1/core-1"]
     assert fx.run("kick m-1/core-1") == ["kick: no connection for m-1/core-1"]
     assert fx.kicked == ["m-1/core-1", "m-1/core-1"]
@@ -397,7 +403,7 @@ def test_a_failing_command_is_one_line_never_a_traceback(registry, tokens):
     fx = Fixture(
         registry, stats=broken, log_lines=broken, fingerprint=broken, status=broken, kick=broken
     )
-    fx.login(tokens["bob"])
+    fx.login(tokens["alice"])
     assert fx.run("stats") == ["stats: failed: the sensor bus is on fire"]
     assert fx.run("log 5") == ["log: failed: the sensor bus is on fire"]
     assert fx.run("fingerprint") == ["fingerprint: failed: the sensor bus is on fire"]
@@ -512,6 +518,7 @@ def test_context_for_a_real_server(tmp_path, tokens):
         assert Registry(tmp_path / "identities.json").get("bob").revoked
     finally:
         store.close()
+        server.control.close()
         server.epoll.close()
 
 
@@ -842,3 +849,34 @@ def test_a_terminal_that_does_not_read_costs_bounded_output(console_factory, pty
     assert dropped and all(int(n) > 0 for n in dropped)
     assert "Traceback" not in daemon.log()
     assert daemon.stop() == 0
+
+
+def test_the_console_port_refuses_a_second_open(console_factory, pty_pair):
+    """TIOCEXCL: another local user cannot open the tty to read the tokens typed on it."""
+    term, slave_name = pty_pair
+    os.chmod(slave_name, 0o666)  # the tty lets anyone open it: only TIOCEXCL can refuse
+
+    def second_open() -> int:
+        """0 if another user could open the port, else the errno (root passes TIOCEXCL,
+        so as root the attempt is made by nobody, in a forked child)."""
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                os.close(os.open(slave_name, os.O_RDWR | os.O_NOCTTY))
+            except OSError as e:
+                code = e.errno or 1
+            finally:
+                os._exit(code)
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+    assert second_open() == 0  # before the console opened it: anyone may
+    daemon = console_factory(slave_name)
+    daemon.start()
+    term.expect(TOKEN_PROMPT)
+    assert second_open() == errno.EBUSY
+    assert daemon.stop() == 0
+    assert second_open() == 0  # the daemon let go of it

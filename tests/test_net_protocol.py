@@ -103,7 +103,7 @@ class Peer:
         token: str | None = None,
         *,
         secret: bytes | None = None,
-        mac: str = "none",
+        mac: str = "hmac-sha256",
         fingerprint: str = "",
         port: int | None = None,
         tls: ssl.SSLContext | None = None,
@@ -305,10 +305,20 @@ def start_with(daemon_factory, config: str, *identities: tuple[str, ...], revoke
 # -- handshake (§4) ----------------------------------------------------------------
 
 
+NO_MAC = "m/no-mac"
+ALL_MACS = ",".join(crypto.MAC_ALGORITHMS)
+
+
+def opt_in_to_none(d: Daemon) -> str:
+    """The token of NO_MAC, a module like dev/core-0 whose policy allows mac "none" too."""
+    return d.add_identity(NO_MAC, "--kind", "module", "--channels", "1-8", "--mac", ALL_MACS)
+
+
 def test_handshake_welcomes_with_every_mac_and_fresh_nonces(daemon):
     nonces = set()
+    token = opt_in_to_none(daemon)
     for seq, mac in enumerate(crypto.MAC_ALGORITHMS, start=1):
-        peer = Peer(daemon, mac=mac)
+        peer = Peer(daemon, NO_MAC, token, mac=mac)
         challenge = peer.challenge()
         assert challenge["version"] == 1
         assert challenge["max_payload"] == 65536
@@ -324,9 +334,9 @@ def test_handshake_welcomes_with_every_mac_and_fresh_nonces(daemon):
         peer.expect_ack(seq)
         assert peer.bye() == seq
     assert len(nonces) == 3
-    assert stored(daemon) == [1, 2, 3]
+    assert stored(daemon, NO_MAC) == [1, 2, 3]
     # the proof is compared as lowercase hex: an uppercase one is the same proof
-    peer = Peer(daemon)
+    peer = Peer(daemon, NO_MAC, token)
     peer.hello(lambda h: {**h, "proof": h["proof"].upper()})
     assert peer.expect(WELCOME)[1] == 3
     assert_healthy(daemon)
@@ -572,11 +582,11 @@ def test_second_connection_supersedes_the_first(daemon):
 def test_superseding_during_a_commit_gets_welcome_before_any_ack(daemon):
     """The new connection's HELLO arrives while the old one's frames are being
     committed: it waits for that commit, and its first frame is WELCOME."""
-    first = Peer(daemon, mac="none")
+    first = Peer(daemon)
     first.handshake()
     big = b"x" * 4096
     first.send(b"".join(first.frame(DATA, s, big, channel=1) for s in range(1, 1001)))
-    second = Peer(daemon, mac="none")
+    second = Peer(daemon)
     welcome = second.handshake()  # asserts WELCOME is the first event
     assert welcome[1] == stored(daemon)[-1]  # last_seq is durable: it is in the log
     second.data(1, 5000)
@@ -621,7 +631,7 @@ def test_bad_crc_is_nacked_and_the_connection_stays(daemon):
 
 
 def test_bad_crc_in_a_session_without_mac(daemon):
-    peer = Peer(daemon)
+    peer = Peer(daemon, NO_MAC, opt_in_to_none(daemon), mac="none")
     peer.handshake()
     frame = bytearray(peer.frame(DATA, 1, b"payload", channel=1))
     frame[-1] ^= 0x80
@@ -629,7 +639,7 @@ def test_bad_crc_in_a_session_without_mac(daemon):
     peer.expect_nack(1, ErrorCode.BAD_CRC)
     peer.data(1, 2)
     peer.expect_ack(2)
-    assert stored(daemon) == [2]
+    assert stored(daemon, NO_MAC) == [2]
 
 
 def test_bad_crc_then_bad_magic_closes_with_error(daemon):
@@ -645,7 +655,7 @@ def test_bad_mac_wrong_missing_or_unexpected(daemon):
     peer = Peer(daemon, mac="hmac-sha256")
     peer.handshake()
     session = peer.session
-    key = crypto.session_key(session.secret, session.server_nonce, session.nonce, DEV)
+    key = crypto.session_key(session.secret, session.server_nonce, session.nonce, DEV, session.mac)
     good = peer.frame(DATA, 1, b"a", channel=1)
     wrong_byte = good[:-1] + bytes([good[-1] ^ 1])
     no_mac = encode_frame(DATA, 2, b"b", channel=1)
@@ -671,13 +681,14 @@ def test_bad_mac_wrong_missing_or_unexpected(daemon):
     assert peer.bye() == 5
 
     # mac "none": a frame with the MAC flag gets BAD_MAC
-    peer = Peer(daemon, mac="none")
-    assert peer.handshake()[1] == 5
+    peer = Peer(daemon, NO_MAC, opt_in_to_none(daemon), mac="none")
+    assert peer.handshake()[1] == 0
     peer.send(encode_frame(DATA, 8, b"f", channel=1, mac_fn=lambda body: bytes(16)))
     peer.expect_nack(8, ErrorCode.BAD_MAC)
     peer.data(1, 9)
     peer.expect_ack(9)
-    assert stored(daemon) == [5, 9]
+    assert stored(daemon) == [5]
+    assert stored(daemon, NO_MAC) == [9]
     assert_healthy(daemon)
 
 
@@ -730,7 +741,7 @@ def test_quota_reached_is_busy_and_not_stored(daemon_factory):
     assert busy_seq is not None and 1500 <= busy_seq <= 2100, busy_seq
     assert stored(d) == list(range(1, busy_seq))
     # after a reconnect the core is refused again, and its connection stays open
-    again = Peer(d, mac="none")
+    again = Peer(d)
     again.handshake()
     again.data(2, seq + 1, b"small")
     again.expect_nack(seq + 1, ErrorCode.BUSY)

@@ -10,7 +10,7 @@ import pytest
 from appliance.protocol import crypto
 from appliance.protocol.client_session import ClientSession, ProtocolViolation
 from appliance.protocol.frames import FrameType, encode_frame
-from appliance.protocol.session import BYE, CLOSED, DATA, HELLO, ServerSession
+from appliance.protocol.session import BYE, CLOSED, DATA, HELLO, ServerSession, parse_hello
 
 SECRET = bytes(range(32))
 OTHER_SECRET = bytes(range(1, 33))
@@ -55,7 +55,7 @@ def hello_payload(**changes):
         "nonce": CN,
         "fingerprint": "",
         "mac": "none",
-        "proof": crypto.hello_proof(SECRET, SN, CN, IDENT, ""),
+        "proof": crypto.hello_proof(SECRET, SN, CN, IDENT, "", "none"),
     }
     hello.update(changes)
     return json.dumps(hello).encode()
@@ -83,7 +83,9 @@ def handshake(mac="none", *, fingerprint="", last_seq=0, channels=(1, 2)):
     kind, hello = events[0]
     assert kind == HELLO
     # the caller's check (auth/): the proof for this identity's secret
-    expected = crypto.hello_proof(SECRET, SN, hello["nonce"], hello["id"], hello["fingerprint"])
+    expected = crypto.hello_proof(
+        SECRET, SN, hello["nonce"], hello["id"], hello["fingerprint"], hello["mac"]
+    )
     assert hmac.compare_digest(hello["proof"], expected)
 
     assert server.accept(SECRET, last_seq, list(channels)) == []
@@ -129,7 +131,7 @@ def test_full_handshake(mac):
         "nonce": CN,
         "fingerprint": fingerprint,
         "mac": mac,
-        "proof": crypto.hello_proof(SECRET, SN, CN, IDENT, fingerprint),
+        "proof": crypto.hello_proof(SECRET, SN, CN, IDENT, fingerprint, mac),
     }
 
     events = server.receive_data(hello_bytes)
@@ -145,7 +147,7 @@ def test_full_handshake(mac):
     assert json.loads(payload) == {
         "last_seq": 17,
         "channels": [3, 4],
-        "proof": crypto.welcome_proof(SECRET, SN, CN, IDENT),
+        "proof": crypto.welcome_proof(SECRET, SN, CN, IDENT, mac),
     }
     assert client.receive_data(welcome) == [(FrameType.WELCOME, 17, [3, 4])]
     assert client.welcomed
@@ -202,9 +204,12 @@ def test_wrong_welcome_proof_is_a_protocol_violation():
 @pytest.mark.parametrize(
     "proof",
     [
-        crypto.welcome_proof(SECRET, SN, CN, "someone-else"),
-        crypto.welcome_proof(SECRET, CN, SN, IDENT),
-        crypto.hello_proof(SECRET, SN, CN, IDENT, ""),
+        crypto.welcome_proof(SECRET, SN, CN, "someone-else", "hmac-sha256"),
+        crypto.welcome_proof(SECRET, CN, SN, IDENT, "hmac-sha256"),
+        crypto.hello_proof(SECRET, SN, CN, IDENT, "", "hmac-sha256"),
+        # revision 2: a session with another MAC (a downgrade to "none") is refused
+        crypto.welcome_proof(SECRET, SN, CN, IDENT, "none"),
+        crypto.welcome_proof(SECRET, SN, CN, IDENT, "blake2s"),
         "",
         None,
         12345,
@@ -226,7 +231,11 @@ def test_welcome_with_a_forged_proof_is_refused(proof):
         json.dumps({"last_seq": 0, "channels": [], "proof": "\u00e9" * 64}).encode(),
         b"[" * 50000,
         json.dumps(
-            {"last_seq": "x", "channels": [], "proof": crypto.welcome_proof(SECRET, SN, CN, IDENT)}
+            {
+                "last_seq": "x",
+                "channels": [],
+                "proof": crypto.welcome_proof(SECRET, SN, CN, IDENT, "hmac-sha256"),
+            }
         ).encode(),
     ],
     ids=["non-ascii proof", "deeply nested", "last_seq not a number"],
@@ -344,7 +353,9 @@ def test_data_before_welcome_after_a_ping_is_unauthenticated():
 @pytest.mark.parametrize("ftype", [FrameType.HELLO, FrameType.PING])
 def test_mac_flag_before_welcome_is_unauthenticated(ftype):
     server = new_server()
-    mac_fn = crypto.make_mac("hmac-sha256", crypto.session_key(SECRET, SN, CN, IDENT))
+    mac_fn = crypto.make_mac(
+        "hmac-sha256", crypto.session_key(SECRET, SN, CN, IDENT, "hmac-sha256")
+    )
     payload = hello_payload(mac="hmac-sha256") if ftype == FrameType.HELLO else b""
     events = server.receive_data(encode_frame(ftype, 0, payload, mac_fn=mac_fn))
     assert [e[:2] for e in events] == [(CLOSED, "UNAUTHENTICATED")]
@@ -383,12 +394,23 @@ MALFORMED_HELLOS = {
     "uppercase nonce": hello_payload(nonce=CN.upper()),
     "short nonce": hello_payload(nonce=CN[:-1]),
     "long nonce": hello_payload(nonce=CN + "0"),
-    "short proof": hello_payload(proof=crypto.hello_proof(SECRET, SN, CN, IDENT, "")[:-1]),
-    "long proof": hello_payload(proof=crypto.hello_proof(SECRET, SN, CN, IDENT, "") + "0"),
+    "short proof": hello_payload(proof=crypto.hello_proof(SECRET, SN, CN, IDENT, "", "none")[:-1]),
+    "long proof": hello_payload(proof=crypto.hello_proof(SECRET, SN, CN, IDENT, "", "none") + "0"),
     "non-hex proof": hello_payload(proof="g" * 64),
     "unknown mac": hello_payload(mac="hmac-md5"),
     "mac uppercase": hello_payload(mac="BLAKE2S"),
+    # revision 2 bounds, in bytes of UTF-8
+    "id of 129 bytes": hello_payload(id="i" * 129),
+    "id of 3000 characters": hello_payload(id="i" * 3000),  # within HELLO_MAX_PAYLOAD
+    "id of 64 characters, 192 bytes": hello_payload(id="\u20ac" * 64),
+    "fingerprint of 257 bytes": hello_payload(fingerprint="f" * 257),
+    "fingerprint of 200 characters, 400 bytes": hello_payload(fingerprint="\u00e9" * 200),
 }
+
+
+def test_hello_fields_at_their_bounds_are_well_formed():
+    hello = parse_hello(hello_payload(id="i" * 128, fingerprint="\u00e9" * 128))
+    assert hello is not None and len(hello["fingerprint"].encode()) == 256
 
 
 @pytest.mark.parametrize("payload", MALFORMED_HELLOS.values(), ids=MALFORMED_HELLOS.keys())
@@ -471,7 +493,9 @@ def test_bad_type_is_reported_before_its_payload_arrives():
 
 def test_mac_flag_in_a_session_without_mac_is_bad_mac():
     server, client = handshake("none")
-    mac_fn = crypto.make_mac("hmac-sha256", crypto.session_key(SECRET, SN, CN, IDENT))
+    mac_fn = crypto.make_mac(
+        "hmac-sha256", crypto.session_key(SECRET, SN, CN, IDENT, "hmac-sha256")
+    )
     stream = encode_frame(FrameType.DATA, 6, b"flagged", channel=1, mac_fn=mac_fn)
     assert server.receive_data(stream) == []
     assert codes(sent(server)) == [(FrameType.NACK, 6, "BAD_MAC")]
@@ -496,8 +520,8 @@ def test_missing_mac_is_bad_mac(mac):
 def test_wrong_mac_is_bad_mac(mac):
     server, client = handshake(mac)
     other = "blake2s" if mac == "hmac-sha256" else "hmac-sha256"
-    right_key = crypto.session_key(SECRET, SN, CN, IDENT)
-    wrong_key = crypto.session_key(OTHER_SECRET, SN, CN, IDENT)
+    right_key = crypto.session_key(SECRET, SN, CN, IDENT, mac)
+    wrong_key = crypto.session_key(OTHER_SECRET, SN, CN, IDENT, mac)
     forged = [
         encode_frame(FrameType.DATA, 20, b"x", mac_fn=crypto.make_mac(mac, wrong_key)),
         encode_frame(FrameType.DATA, 21, b"x", mac_fn=crypto.make_mac(other, right_key)),
@@ -573,7 +597,7 @@ def test_max_payload_is_enforced_on_the_announced_value():
 @pytest.mark.parametrize("mac", MACS)
 def test_data_pipelined_after_hello_is_decoded_after_accept(mac):
     server = new_server()
-    mac_fn = crypto.make_mac(mac, crypto.session_key(SECRET, SN, CN, IDENT))
+    mac_fn = crypto.make_mac(mac, crypto.session_key(SECRET, SN, CN, IDENT, mac))
     pipelined = (
         encode_frame(FrameType.DATA, 1, b"one", channel=1, mac_fn=mac_fn)
         + encode_frame(FrameType.PING, 2, mac_fn=mac_fn)
@@ -659,7 +683,7 @@ def test_frames_seen_counts_valid_frames_only(mac):
     bad_crc[33] ^= 0x01
     bad_type = client.encode(FrameType.ACK, 6)
     if mac == "none":
-        mac_fn = crypto.make_mac("blake2s", crypto.session_key(SECRET, SN, CN, IDENT))
+        mac_fn = crypto.make_mac("blake2s", crypto.session_key(SECRET, SN, CN, IDENT, "blake2s"))
         bad_mac = encode_frame(FrameType.DATA, 7, b"c", mac_fn=mac_fn)
     else:
         bad_mac = encode_frame(FrameType.DATA, 7, b"c")
@@ -681,3 +705,8 @@ def test_frames_seen_counts_ping_before_welcome():
     bad[-1] ^= 0x01
     server.receive_data(bytes(bad))
     assert server.frames_seen == 1
+
+
+def test_parse_hello_refuses_a_60000_character_id_before_encoding_it():
+    assert parse_hello(hello_payload(id="i" * 60000)) is None
+    assert parse_hello(hello_payload(fingerprint="\u00e9" * 60000)) is None

@@ -21,9 +21,12 @@ SN = "00112233445566778899aabbccddeeff"
 CN = "ffeeddccbbaa99887766554433221100"
 FINGERPRINT = "sha256:f6298bff015cb6c58e55e400b8097684422eb3d3c85edc856cb8d1ba2084878f"
 
-HELLO_PROOF = "ee1c1ba32ebba2e6f11596ef7129b5d9261846c8a2aca3705459278dc3ee5d60"
-WELCOME_PROOF = "2eb08d0d319511d37c4af8c82927db57b01d4ebacdc5cee2a33d9a32dd8a2e0d"
-SESSION_KEY = "505346b269f6a550b68840f9f8c7eadcce98cb185637f76f68a6e1e6ef5baaa0"
+# revision 2: the proofs and the session key cover `mac` (these are for "hmac-sha256")
+HELLO_PROOF = "7d5a2f84d47de8a325764f41c7e91c6924fe56aa3abbc84980bd58fbe7fdb281"
+WELCOME_PROOF = "c6015ea817a43575ed51a928aa5d7e176fd46b0b17d0a08f8702e1aa06f6e49b"
+SESSION_KEY = "0a3d99b91be6db38247a5bc4389ca5b16fbcd91b541de1e7aac3ad6b48259f00"
+SESSION_KEY_BLAKE2S = "685c4fe9bcb34ed1336225d8a4d594f5f1bba3507e222fcb3106a35a661cd0f6"
+SESSION_KEYS = {"hmac-sha256": SESSION_KEY, "blake2s": SESSION_KEY_BLAKE2S, "none": SESSION_KEY}
 
 CHANNEL = 7
 TS_NS = 1700000000000000000
@@ -40,13 +43,13 @@ DATA_VECTORS = [
         "hmac-sha256",
         43,
         "4d490110000100070000000a00000000000000000000002b17979cfe362a0000"
-        "7b2274223a32312e357d1f830c18311a8629583193217eaf91e5c9bb1af4",
+        "7b2274223a32312e357d1f830c18f874c4b4e7efa02a89ffe8f698b1ed58",
     ),
     (
         "blake2s",
         43,
         "4d490110000100070000000a00000000000000000000002b17979cfe362a0000"
-        "7b2274223a32312e357d1f830c183686419e2c712e3854adc4a3b6209fd7",
+        "7b2274223a32312e357d1f830c18bfe96c8ed4a61d0f1a218104be94fd4d",
     ),
 ]
 MAC_VECTORS = [v for v in DATA_VECTORS if v[0] != "none"]
@@ -54,7 +57,7 @@ ACK_VECTOR = "4d490111000000000000000000000000000000000000002b0000000000000000a0
 
 
 def vector_mac_fn(mac):
-    return crypto.make_mac(mac, bytes.fromhex(SESSION_KEY))
+    return crypto.make_mac(mac, bytes.fromhex(SESSION_KEYS[mac]))
 
 
 def flip(data, index):
@@ -123,19 +126,28 @@ def test_malformed_token_is_refused(token):
 
 
 def test_hello_proof():
-    assert crypto.hello_proof(SECRET, SN, CN, IDENT, FINGERPRINT) == HELLO_PROOF
+    assert crypto.hello_proof(SECRET, SN, CN, IDENT, FINGERPRINT, "hmac-sha256") == HELLO_PROOF
 
 
 def test_welcome_proof():
-    assert crypto.welcome_proof(SECRET, SN, CN, IDENT) == WELCOME_PROOF
+    assert crypto.welcome_proof(SECRET, SN, CN, IDENT, "hmac-sha256") == WELCOME_PROOF
 
 
 def test_session_key():
-    assert crypto.session_key(SECRET, SN, CN, IDENT).hex() == SESSION_KEY
+    assert crypto.session_key(SECRET, SN, CN, IDENT, "hmac-sha256").hex() == SESSION_KEY
+    assert crypto.session_key(SECRET, SN, CN, IDENT, "blake2s").hex() == SESSION_KEY_BLAKE2S
+
+
+@pytest.mark.parametrize("mac", ["blake2s", "none"])
+def test_proofs_and_session_key_cover_mac(mac):
+    """Revision 2: the same handshake with another `mac` gives other proofs and keys."""
+    assert crypto.hello_proof(SECRET, SN, CN, IDENT, FINGERPRINT, mac) != HELLO_PROOF
+    assert crypto.welcome_proof(SECRET, SN, CN, IDENT, mac) != WELCOME_PROOF
+    assert crypto.session_key(SECRET, SN, CN, IDENT, mac).hex() != SESSION_KEY
 
 
 def test_client_session_sends_the_vector_hello_proof():
-    client = ClientSession(IDENT, SECRET, CN, fingerprint=FINGERPRINT, mac="blake2s")
+    client = ClientSession(IDENT, SECRET, CN, fingerprint=FINGERPRINT, mac="hmac-sha256")
     challenge = {
         "server": "t",
         "nonce": SN,
@@ -150,7 +162,7 @@ def test_client_session_sends_the_vector_hello_proof():
         "id": IDENT,
         "nonce": CN,
         "fingerprint": FINGERPRINT,
-        "mac": "blake2s",
+        "mac": "hmac-sha256",
         "proof": HELLO_PROOF,
     }
 
@@ -158,7 +170,7 @@ def test_client_session_sends_the_vector_hello_proof():
 def test_server_session_sends_the_vector_welcome_proof():
     server = ServerSession(SN)
     server.data_to_send()
-    hello = {"id": IDENT, "nonce": CN, "fingerprint": FINGERPRINT, "mac": "none"}
+    hello = {"id": IDENT, "nonce": CN, "fingerprint": FINGERPRINT, "mac": "hmac-sha256"}
     hello["proof"] = HELLO_PROOF
     server.receive_data(encode_frame(FrameType.HELLO, 0, json.dumps(hello).encode()))
     server.accept(SECRET, 41, [CHANNEL])

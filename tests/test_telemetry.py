@@ -397,6 +397,7 @@ def server(tmp_path):
     server = Server(config, registry, store)
     yield server
     store.close()
+    server.control.close()
     server.epoll.close()
 
 
@@ -778,6 +779,32 @@ def test_end_to_end(telemetry_daemon, capsys):
         sock.close()
     assert time.monotonic() - started < endpoint.CLIENT_TIMEOUT + 1.5
     assert d.json(capsys)["frames"] == 25
+
+    # TCP clients (any local user) have a pool of their own: filling it locks no one
+    # out of the Unix socket (root and the service user)
+    def tcp_request() -> bytes:
+        """The reply; b"" if the daemon closed the connection on accept (pool full)."""
+        reply = b""
+        with socket.create_connection(("127.0.0.1", d.tcp_port), timeout=WAIT) as sock:
+            try:
+                sock.sendall(b"json\n")
+                while chunk := sock.recv(65536):
+                    reply += chunk
+            except (ConnectionResetError, BrokenPipeError):
+                return b""
+        return reply
+
+    squatters = [
+        socket.create_connection(("127.0.0.1", d.tcp_port), timeout=WAIT)
+        for _ in range(endpoint.MAX_CLIENTS)
+    ]
+    try:
+        wait_for(lambda: tcp_request() == b"", WAIT, "the TCP pool full")
+        assert d.json(capsys)["frames"] == 25
+    finally:
+        for sock in squatters:
+            sock.close()
+    wait_for(lambda: tcp_request() != b"", WAIT, "the TCP pool free again")
 
     # SIGTERM: the daemon stops cleanly and takes its socket with it
     d.proc.send_signal(signal.SIGTERM)

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # Random per process, so no client can hold a valid proof for it.
 _DUMMY_SECRET = secrets.token_bytes(crypto.SECRET_SIZE)
 _NO_MACS: frozenset[str] = frozenset()
+SENDERS = frozenset({"core", "module"})
 
 
 def authenticate(
@@ -42,12 +43,14 @@ def authenticate(
         secret, bound, macs, active = _DUMMY_SECRET, None, _NO_MACS, False
     else:
         secret, bound, macs = identity.secret, identity.fingerprint, identity.macs
-        active = not identity.revoked
+        # A user reads; it never sends DATA (revision 2), so it never gets a session.
+        active = not identity.revoked and identity.kind in SENDERS
 
-    expected = crypto.hello_proof(secret, server_nonce, hello["nonce"], ident, fingerprint)
+    mac = hello["mac"]
+    expected = crypto.hello_proof(secret, server_nonce, hello["nonce"], ident, fingerprint, mac)
     proof_ok = hmac.compare_digest(expected.encode(), hello["proof"].lower().encode())
     fingerprint_ok = bound is None or bound == fingerprint
-    mac_ok = hello["mac"] in macs
+    mac_ok = mac in macs
     # `&`, not `and`: no check is skipped because an earlier one failed.
     if not (active & proof_ok & fingerprint_ok & mac_ok):
         return None

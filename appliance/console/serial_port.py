@@ -1,7 +1,8 @@
 """The console's serial port, run by the server's selector loop.
 
 pyserial opens the port and configures it (baud, 8N1, raw: no echo, no line
-editing, no CR/LF translation by the kernel; the shell does all of that). The
+editing, no CR/LF translation by the kernel; the shell does all of that), and
+TIOCEXCL makes the open exclusive: a port that is not a tty is refused. The
 port's file descriptor then joins the server's loop through `Server.watch`, and
 reads and writes go straight to it with os.read/os.write, which never block on a
 non-blocking descriptor. (pyserial 3.5's `write` with write_timeout=0 retries
@@ -17,9 +18,11 @@ is tried again every RETRY_SECONDS from a sweep hook: the daemon never waits for
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import selectors
+import termios
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -86,6 +89,13 @@ class SerialConsole:
     def _open(self, now: float) -> None:
         try:
             port = serial.Serial(self.port_name, self.baud, timeout=0, write_timeout=0)
+            try:
+                # The kernel refuses every later open of the tty (but root's): another
+                # local user cannot read the tokens typed at the login prompt.
+                fcntl.ioctl(port.fileno(), termios.TIOCEXCL)
+            except OSError:
+                port.close()
+                raise
         except Exception as exc:  # SerialException mostly; whatever it is, retry later
             self._next_open = now + RETRY_SECONDS
             if not self._failing:
@@ -121,6 +131,9 @@ class SerialConsole:
         self._fd = -1
         self.out.clear()
         self._unreported = 0
+        with contextlib.suppress(Exception):
+            # the flag outlives our descriptor while anyone else holds the tty open
+            fcntl.ioctl(port.fileno(), termios.TIOCNXCL)
         with contextlib.suppress(Exception):
             port.close()
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from appliance import __version__
-from appliance.auth.registry import Identity, Registry
+from appliance.auth.registry import Identity, Registry, format_channels
 from appliance.protocol import crypto
 from appliance.store.segment import list_segments
 
@@ -319,7 +319,7 @@ class Shell:
             "status           uptime, connections, frames, pending bytes, commit error",
             "stats            the daemon's metrics",
             "clients          connections: identity, address, MAC algorithm",
-            "kick ID          close the connection of identity ID",
+            "kick ID          close the connection of identity ID (admins only)",
             "identities       identities (never their secrets)",
             "revoke ID        revoke identity ID and close its connection (admins only)",
             f"log [N]          the last N log lines (default {LOG_DEFAULT}, at most {LOG_MAX})",
@@ -357,10 +357,17 @@ class Shell:
 
     def _kick(self, args: list[str]) -> list[str]:
         ident = _one_arg("kick ID", args)
+        if not self._is_admin():
+            return ["kick: only an admin user may kick"]
         if self.context.kick(ident):
             log.info("console: %s kicked %s", self.user, ident)
             return [f"kicked {ident}"]
         return [f"kick: no connection for {_cut(ident)}"]
+
+    def _is_admin(self) -> bool:
+        """Asked of the registry at each command: an admin flag lost since login counts."""
+        me = self.context.registry.get(self.user)
+        return me is not None and me.admin and not me.revoked
 
     def _identities(self, args: list[str]) -> list[str]:
         _no_args("identities", args)
@@ -372,7 +379,7 @@ class Shell:
                     identity.id,
                     identity.kind,
                     identity.module or "-",
-                    _ranges(identity.channels) or "-",
+                    format_channels(identity.channels) or "-",
                     ",".join(flags) or "-",
                 )
             )
@@ -382,8 +389,7 @@ class Shell:
 
     def _revoke(self, args: list[str]) -> list[str]:
         ident = _one_arg("revoke ID", args)
-        me = self.context.registry.get(self.user)
-        if me is None or not me.admin:
+        if not self._is_admin():
             return ["revoke: only an admin user may revoke"]
         identity = self.context.registry.get(ident)
         if identity is None:
@@ -488,22 +494,6 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     if len(rows) > LIST_MAX:
         lines.append(f"... and {len(rows) - LIST_MAX} more")
     return lines
-
-
-def _ranges(channels: Iterable[int]) -> str:
-    """{1, 2, 3, 7} -> "1-3,7"."""
-    parts = []
-    start = prev = None
-    for ch in sorted(channels):
-        if prev is not None and ch == prev + 1:
-            prev = ch
-            continue
-        if start is not None:
-            parts.append(f"{start}-{prev}" if prev != start else f"{start}")
-        start = prev = ch
-    if start is not None:
-        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
-    return ",".join(parts)
 
 
 def _duration(seconds: float) -> str:

@@ -64,10 +64,14 @@ class Pause(Enum):
     STOPPING = "stopping"  # the daemon stops: nothing new is read
 
 
+NO_PAUSES: frozenset[Pause] = frozenset()
+
+
 class Connection:
     __slots__ = (
         "active",
         "addr",
+        "born",
         "deadline",
         "events",
         "fd",
@@ -91,6 +95,7 @@ class Connection:
         addr,
         session: ServerSession,
         serial: int,
+        born: float,
         deadline: float,
         phase: Phase,
     ) -> None:
@@ -100,9 +105,10 @@ class Connection:
         self.addr = addr
         self.source = addr[0] if isinstance(addr, tuple) else str(addr)
         self.serial = serial  # unique per connection: timers name it with its fd
+        self.born = born  # loop time of the accept
         self.session = session
         self.phase = phase
-        self.pauses: set[Pause] = set()
+        self.pauses: frozenset[Pause] = NO_PAUSES  # replaced, not changed: most stay empty
         self.out = bytearray()  # queued output the socket did not take yet
         self.events = 0  # epoll interest currently registered (0: none)
         self.deadline = deadline  # the current phase's deadline (monotonic)

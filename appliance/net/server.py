@@ -50,7 +50,9 @@ EPOLLOUT = select.EPOLLOUT
 EPOLL_FAIL = select.EPOLLERR | select.EPOLLHUP
 TICK = 0.25  # registry changes, extension hooks and accept retries are looked at this often
 STOP_GRACE = 1.5  # on SIGTERM: time allowed to commit and ACK before closing anyway
-MAX_EVENTS = 64  # per poll: commits and ACKs interleave with reads, even in a burst
+MAX_EVENTS = 64  # connections per poll: a burst of reads is cut into short iterations
+ACCEPT_BATCH = 256  # connections accepted per iteration at most
+MAKE_ROOM_TRIES = 8  # handshakes looked at per accept when the slots are full
 # failed handshakes and connections closed before they authenticated: a peer decides how
 # many there are, so they are logged at most once a second, with a count
 UNPROVEN_LOG_EVERY = 1.0
@@ -85,7 +87,13 @@ class Server:
         # Store.space; a batch larger than commit_max_bytes stops reading earlier)
         self.pause_bytes = store.ring_bytes - RING_RESERVE - self.recv_bytes
         self.tofu = config.auth["trust_on_first_use"]
+        # Two levels: the loop waits on `epoll` (every connection, and `control`); the
+        # fds on `control` (the store's writer, listeners, the wake-up pipe, the stats
+        # socket and console) are served first in every iteration, so ACKs, accepts and
+        # diagnostics never queue behind thousands of busy sockets.
         self.epoll = select.epoll()
+        self.control = select.epoll()
+        self.epoll.register(self.control.fileno(), EPOLLIN)
         self.conns: dict[int, Connection] = {}
         self.by_identity: dict[str, Connection] = {}
         self.accepted: dict[str, int] = dict(store.last_seq)  # replay window: highest stored seq
@@ -129,11 +137,11 @@ class Server:
         return [lsock.getsockname()[:2] for lsock, _ in self.listeners]
 
     def _register(self, fd: int, mask: int, tag: object) -> None:
-        self.epoll.register(fd, mask)
+        self.control.register(fd, mask)
         self._tags[fd] = tag
 
     def _unregister(self, fd: int) -> None:
-        self.epoll.unregister(fd)
+        self.control.unregister(fd)
         del self._tags[fd]
 
     def _set_accepting(self, on: bool) -> None:
@@ -162,6 +170,7 @@ class Server:
         """Serve until SIGTERM / SIGINT; the exit code."""
         self.handle_signals()
         poll = self.epoll.poll
+        poll_control = self.control.poll
         conns = self.conns
         tags = self._tags
         store = self.store
@@ -178,11 +187,12 @@ class Server:
                 timeout = due - self.now
             events = poll(max(timeout, 0.0), MAX_EVENTS)
             self.now = now = monotonic()
+            for fd, mask in poll_control(0):
+                self._on_control(tags.get(fd), mask)
             for fd, mask in events:
                 conn = conns.get(fd)
                 if conn is None:
-                    self._on_other(tags.get(fd), mask)
-                    continue
+                    continue  # the control epoll, or a connection closed meanwhile
                 try:
                     if mask & EPOLLOUT:
                         self._on_writable(conn)
@@ -222,7 +232,7 @@ class Server:
     def _on_signal(self, signum, frame) -> None:
         self.stopping = True
 
-    def _on_other(self, tag: object, mask: int) -> None:
+    def _on_control(self, tag: object, mask: int) -> None:
         if tag is _STORE:
             self._on_store()
         elif tag is _WAKE:
@@ -286,6 +296,7 @@ class Server:
                 conn.write(b"")
             self._close(conn)
         self.store.close()
+        self.control.close()
         self.epoll.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -356,13 +367,10 @@ class Server:
     # -- accept -----------------------------------------------------------------
 
     def _accept(self, lsock: socket.socket, ctx: ssl.SSLContext | None) -> None:
-        for _ in range(64):  # bounded, so a connect storm cannot starve established cores
-            if len(self.conns) >= self.max_connections:
-                oldest = self.admission.oldest()
-                if oldest is None:
-                    self._set_accepting(False)
-                    return
-                self._evict(oldest)  # an unproven connection makes room for a new one
+        # bounded, so that a connect storm cannot starve established cores, yet large: a
+        # herd of reconnecting cores (after a restart) must not overflow the listen queue
+        admission = self.admission
+        for _ in range(ACCEPT_BATCH):
             try:
                 sock, addr = lsock.accept()
             except BlockingIOError:
@@ -386,25 +394,60 @@ class Server:
                 idle_timeout=self.idle_timeout,
                 counters=self.counters,
             )
+            # room before the newcomer counts; without it, this one is let in (one over the
+            # limits at most) and the next ones wait in the listen queue for a moment
+            room = self._make_room()
             self._serial += 1
             conn = Connection(
                 sock,
                 addr,
                 session,
                 self._serial,
+                self.now,
                 self.now + self.handshake_timeout,
                 Phase.TLS if ctx is not None else Phase.HANDSHAKE,
             )
             self.conns[conn.fd] = conn
             self.counters["connections"] += 1
-            for old in self.admission.admit(conn):
-                self._evict(old)
+            crowded = admission.admit(conn)
+            if crowded is not None:
+                self._evict(crowded)
             self._arm(conn)
             if conn.phase is Phase.TLS:
                 self._tls_handshake(conn)
             else:
                 self._flush_session(conn)
                 self._update(conn)
+            if not room:
+                self._set_accepting(False)
+                return
+
+    def _make_room(self) -> bool:
+        """Whether one more connection may be accepted, after pushing out an unproven one
+        that had its grace if need be (admission.py). A handshake whose HELLO is waiting in
+        its socket is served instead of pushed out."""
+        admission = self.admission
+        for _ in range(MAKE_ROOM_TRIES):
+            if len(self.conns) < self.max_connections and not admission.full():
+                return True
+            victim = admission.evictable(self.now)
+            if victim is None:
+                return False
+            if sockets.pending_input(victim.sock):
+                self._on_readable(victim, EPOLLIN)
+                if victim.phase not in (Phase.TLS, Phase.HANDSHAKE):
+                    continue  # it was a HELLO (or garbage): its slot is free either way
+            self._evict(victim)
+        return False
+
+    def _resume_accepting(self) -> None:
+        """Accept again once there is room (or a handshake old enough to push out)."""
+        if self._accepting or self.stopping:
+            return
+        admission = self.admission
+        room = len(self.conns) < self.max_connections and not admission.full()
+        if room or admission.evictable(self.now) is not None:
+            self._set_accepting(True)
 
     def _tls_handshake(self, conn: Connection) -> None:
         try:
@@ -467,12 +510,12 @@ class Server:
             self._send(conn, out)
 
     def _pause(self, conn: Connection, reason: Pause) -> None:
-        conn.pauses.add(reason)
+        conn.pauses |= {reason}
         self.paused[conn] = None
         self._update(conn)
 
     def _resume(self, conn: Connection, reason: Pause) -> None:
-        conn.pauses.discard(reason)
+        conn.pauses -= {reason}
         if not conn.pauses:
             self.paused.pop(conn, None)
         self._update(conn)
@@ -605,6 +648,7 @@ class Server:
 
     def _on_hello(self, conn: Connection, hello: dict) -> None:
         self.admission.leave(conn)  # proved or failed: it no longer holds a handshake slot
+        self._resume_accepting()
         self._reload_registry()  # an identity added or revoked a moment ago counts already
         identity = authenticate(
             self.registry, hello, conn.session.nonce, trust_on_first_use=self.tofu
@@ -712,8 +756,7 @@ class Server:
         if conn.identity is not None and self.by_identity.get(conn.identity) is conn:
             del self.by_identity[conn.identity]
         conn.sock.close()
-        if not self._accepting and not self.stopping:
-            self._set_accepting(True)
+        self._resume_accepting()
 
     # -- timers -------------------------------------------------------------------
 
@@ -755,8 +798,7 @@ class Server:
         self._reload_registry()
         self._resume_store_paused()  # also after BUSY, when no commit wakes the loop
         self._run_hooks(self.sweep_hooks, now)
-        if not self._accepting and not self.stopping and len(self.conns) < self.max_connections:
-            self._set_accepting(True)
+        self._resume_accepting()
 
     def _reload_registry(self) -> None:
         """Pick up identity changes (one stat when nothing changed); close revoked ones."""

@@ -37,7 +37,13 @@ def _json(payload: bytes) -> dict:
 
 class ClientSession:
     def __init__(
-        self, ident: str, secret: bytes, nonce: str, *, fingerprint: str = "", mac: str = "none"
+        self,
+        ident: str,
+        secret: bytes,
+        nonce: str,
+        *,
+        fingerprint: str = "",
+        mac: str = "hmac-sha256",
     ) -> None:
         if mac not in crypto.MAC_ALGORITHMS:
             raise ValueError(f"unknown MAC algorithm {mac!r}")
@@ -89,7 +95,9 @@ class ClientSession:
         self.challenge = challenge
         self.server_nonce = sn
         self._decoder.max_payload = max(self._decoder.max_payload, self.max_payload)
-        proof = crypto.hello_proof(self.secret, sn, self.nonce, self.ident, self.fingerprint)
+        proof = crypto.hello_proof(
+            self.secret, sn, self.nonce, self.ident, self.fingerprint, self.mac
+        )
         hello = {
             "id": self.ident,
             "nonce": self.nonce,
@@ -103,7 +111,9 @@ class ClientSession:
         sn = self.server_nonce
         if sn is None or self.welcomed:
             raise ProtocolViolation("WELCOME out of order")
-        expected = crypto.welcome_proof(self.secret, sn, self.nonce, self.ident).encode()
+        # The proof covers the `mac` we asked for: a server (or a path) that switched it
+        # cannot produce it, so a session is never opened with another MAC than ours.
+        expected = crypto.welcome_proof(self.secret, sn, self.nonce, self.ident, self.mac).encode()
         proof = welcome.get("proof")
         if not isinstance(proof, str) or not compare_digest(proof.encode(), expected):
             raise ProtocolViolation("WELCOME proof is wrong: the server does not hold our secret")
@@ -111,7 +121,7 @@ class ClientSession:
         if type(last_seq) is not int or last_seq < 0 or not isinstance(channels, list):
             raise ProtocolViolation("WELCOME without a valid last_seq and channels")
         self.welcomed = True
-        key = crypto.session_key(self.secret, sn, self.nonce, self.ident)
+        key = crypto.session_key(self.secret, sn, self.nonce, self.ident, self.mac)
         self.mac_fn = crypto.make_mac(self.mac, key)
         return (FrameType.WELCOME, last_seq, channels)
 

@@ -9,6 +9,8 @@ import secrets
 from collections.abc import Callable
 
 MAC_ALGORITHMS = ("hmac-sha256", "blake2s", "none")
+# What an identity may choose unless it is given a policy: "none" is opt-in.
+DEFAULT_MACS = ("hmac-sha256", "blake2s")
 SECRET_SIZE = 32
 
 MacFn = Callable[[bytes], bytes]
@@ -37,16 +39,21 @@ def _hmac_hex(secret: bytes, text: str) -> str:
     return hmac.new(secret, text.encode(), hashlib.sha256).hexdigest()
 
 
-def hello_proof(secret: bytes, sn: str, cn: str, ident: str, fingerprint: str) -> str:
-    return _hmac_hex(secret, f"MIP1-HELLO|{sn}|{cn}|{ident}|{fingerprint}")
+# Revision 2 (PROTOCOL.md §9): both proofs and the session key cover `mac`, so a
+# HELLO whose `mac` was rewritten in transit fails its proof.
 
 
-def welcome_proof(secret: bytes, sn: str, cn: str, ident: str) -> str:
-    return _hmac_hex(secret, f"MIP1-WELCOME|{sn}|{cn}|{ident}")
+def hello_proof(secret: bytes, sn: str, cn: str, ident: str, fingerprint: str, mac: str) -> str:
+    return _hmac_hex(secret, f"MIP1-HELLO|{sn}|{cn}|{ident}|{fingerprint}|{mac}")
 
 
-def session_key(secret: bytes, sn: str, cn: str, ident: str) -> bytes:
-    return hmac.new(secret, f"MIP1-SESSION|{sn}|{cn}|{ident}".encode(), hashlib.sha256).digest()
+def welcome_proof(secret: bytes, sn: str, cn: str, ident: str, mac: str) -> str:
+    return _hmac_hex(secret, f"MIP1-WELCOME|{sn}|{cn}|{ident}|{mac}")
+
+
+def session_key(secret: bytes, sn: str, cn: str, ident: str, mac: str) -> bytes:
+    text = f"MIP1-SESSION|{sn}|{cn}|{ident}|{mac}"
+    return hmac.new(secret, text.encode(), hashlib.sha256).digest()
 
 
 def make_mac(algorithm: str, key: bytes) -> MacFn | None:

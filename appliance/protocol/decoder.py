@@ -74,6 +74,8 @@ class FrameDecoder:
     """Splits a byte stream into frames under an admission `policy` (a Policy) and,
     after WELCOME, the session MAC `mac_fn` (frames must carry FLAG_MAC exactly when set)."""
 
+    __slots__ = ("_buf", "_dead", "_held", "_skip", "mac_fn", "max_payload", "others", "policy")
+
     def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         self.max_payload = max_payload
         self.policy = ADMIT_ALL

@@ -46,6 +46,9 @@ CLOSED = 0
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _HELLO_KEYS = {"id": str, "nonce": str, "fingerprint": str, "mac": str, "proof": str}
+# Revision 2 bounds, in bytes of UTF-8: checked before any HMAC or log line sees them.
+MAX_ID_BYTES = 128
+MAX_FINGERPRINT_BYTES = 256
 
 # A HELLO is a few hundred bytes (PROTOCOL.md bounds its fields); before WELCOME nobody
 # may make the server buffer more than that, whatever max_payload says.
@@ -109,9 +112,15 @@ def parse_hello(payload: bytes) -> dict | None:
         return None
     if hello["mac"] not in crypto.MAC_ALGORITHMS:
         return None
+    ident, fingerprint = hello["id"], hello["fingerprint"]
+    # Every character is at least one byte: a long string is refused without encoding it.
+    if len(ident) > MAX_ID_BYTES or len(fingerprint) > MAX_FINGERPRINT_BYTES:
+        return None
     try:  # lone surrogates survive JSON but cannot enter the proof's HMAC
-        hello["id"].encode()
-        hello["fingerprint"].encode()
+        if len(ident.encode()) > MAX_ID_BYTES:
+            return None
+        if len(fingerprint.encode()) > MAX_FINGERPRINT_BYTES:
+            return None
     except UnicodeEncodeError:
         return None
     hello["proof"] = hello["proof"].lower()
@@ -119,6 +128,20 @@ def parse_hello(payload: bytes) -> dict | None:
 
 
 class ServerSession:
+    # one per connection, ten thousand of them: no per-instance dict
+    __slots__ = (
+        "_decoder",
+        "_hello",
+        "_out",
+        "close_code",
+        "counters",
+        "frames_seen",
+        "identity",
+        "mac_algorithm",
+        "nonce",
+        "state",
+    )
+
     def __init__(
         self,
         nonce: str,
@@ -211,18 +234,16 @@ class ServerSession:
         """Send WELCOME, switch to the session MAC, and decode what came meanwhile."""
         hello = self._hello
         assert self.state is State.AUTHENTICATING and hello is not None
-        ident, cn = hello["id"], hello["nonce"]
-        proof = crypto.welcome_proof(secret, self.nonce, cn, ident)
+        ident, cn, mac = hello["id"], hello["nonce"], hello["mac"]
+        proof = crypto.welcome_proof(secret, self.nonce, cn, ident, mac)
         self._out += encode_json(
             FrameType.WELCOME, {"last_seq": last_seq, "channels": channels, "proof": proof}
         )
         self.identity = ident
-        self.mac_algorithm = hello["mac"]
+        self.mac_algorithm = mac
         dec = self._decoder
         dec.policy = AFTER_WELCOME
-        dec.mac_fn = crypto.make_mac(
-            hello["mac"], crypto.session_key(secret, self.nonce, cn, ident)
-        )
+        dec.mac_fn = crypto.make_mac(mac, crypto.session_key(secret, self.nonce, cn, ident, mac))
         self.state = State.OPEN
         return self._events(dec.resume())
 

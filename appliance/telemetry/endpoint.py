@@ -6,7 +6,9 @@ An unknown request gets one line starting with `error:`. Everything runs in
 the server's selector loop and never blocks it: sockets are non-blocking, a
 request line is at most REQUEST_MAX bytes, a client that is silent or does not
 read its reply for CLIENT_TIMEOUT seconds is dropped, and at most MAX_CLIENTS
-are served at once (more are closed on accept).
+are served at once per listener (more are closed on accept): the Unix socket
+(0600, so root and the service user) and the TCP port (any local user) have
+separate pools, so local TCP clients cannot lock the Unix socket's users out.
 """
 
 from __future__ import annotations
@@ -53,10 +55,11 @@ def render(server, fmt: str) -> bytes:
 
 
 class _Client:
-    __slots__ = ("deadline", "inbuf", "out", "sock")
+    __slots__ = ("deadline", "inbuf", "listener", "out", "sock")
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, listener: socket.socket, deadline: float) -> None:
         self.sock = sock
+        self.listener = listener  # whose pool it counts in
         self.deadline = deadline
         self.inbuf = bytearray()
         self.out: memoryview | None = None  # the reply still to send, once there is one
@@ -69,6 +72,7 @@ class StatsEndpoint:
         self.tcp = tcp
         self.listeners: list[socket.socket] = []
         self.clients: dict[socket.socket, _Client] = {}
+        self.pools: dict[socket.socket, int] = {}  # listener -> clients it serves now
         self.tcp_address: tuple[str, int] | None = None  # bound address (port 0 picks one)
         self._inode: int | None = None  # of the socket file we bound, to unlink only ours
         self._closed = False
@@ -185,12 +189,13 @@ class StatsEndpoint:
             except OSError as exc:
                 log.warning("stats: accept: %s", exc.strerror or exc)
                 return
-            if len(self.clients) >= MAX_CLIENTS:
+            if self.pools.get(lsock, 0) >= MAX_CLIENTS:
                 sock.close()  # a stuck tool must not tie up more of the loop
                 continue
             sock.setblocking(False)
-            client = _Client(sock, time.monotonic() + CLIENT_TIMEOUT)
+            client = _Client(sock, lsock, time.monotonic() + CLIENT_TIMEOUT)
             self.clients[sock] = client
+            self.pools[lsock] = self.pools.get(lsock, 0) + 1
             self.server.watch(sock, READ, self._client_callback(client))
 
     def _client_callback(self, client: _Client):
@@ -254,8 +259,10 @@ class StatsEndpoint:
             self._drop(client.sock)
 
     def _drop(self, sock: socket.socket) -> None:
-        if self.clients.pop(sock, None) is None:
+        client = self.clients.pop(sock, None)
+        if client is None:
             return
+        self.pools[client.listener] -= 1
         with contextlib.suppress(KeyError, ValueError, OSError):
             self.server.unwatch(sock)
         sock.close()
