@@ -39,10 +39,12 @@ def _registry(config) -> Registry:
 
 
 def cmd_serve(args, config) -> int:
+    runner.check_subscribers(config)  # before anything starts: a bad table is one line
     return app.serve(config)
 
 
 def cmd_config_show(args, config) -> int:
+    runner.check_subscribers(config)
     sys.stdout.write(config.to_toml())
     return 0
 
@@ -286,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the daemon")
+    # also after the command, as the README shows it; SUPPRESS keeps one given before it
+    p.add_argument("--config", default=argparse.SUPPRESS, help="config file")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("config", help="configuration")

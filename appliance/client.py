@@ -242,6 +242,28 @@ class Client:
         self._io(self._write_and_poll)
         return seq
 
+    def send_many(self, frames) -> int:
+        """Queue and send DATA frames, (channel, payload, ts_ns) each, in one write (or one
+        per `max_unacked`); returns the last seq. Durable once `acked` reaches it."""
+        seq = self.next_seq - 1
+        limit = self._session.max_payload if self._session else 65536
+        for channel, payload, ts_ns in frames:
+            if not 0 <= channel <= 0xFFFF:
+                raise ValueError(f"channel {channel} is not 0..65535")
+            if len(payload) > limit:
+                raise ValueError(f"payload of {len(payload)} bytes exceeds max_payload {limit}")
+            if len(self._unacked) >= self.max_unacked:
+                self._io(self._write_and_poll)
+                while len(self._unacked) >= self.max_unacked:
+                    self._io(self._pump, self.timeout, raise_timeout=True)
+            seq = self.next_seq
+            self.next_seq += 1
+            self._unacked[seq] = (channel, ts_ns, payload)
+            if self._sock is not None:
+                self._session.send_data(channel, seq, payload, ts_ns)
+        self._io(self._write_and_poll)  # (reconnecting resends what is unacknowledged)
+        return seq
+
     def _write_and_poll(self) -> None:
         self._write()
         while self._pump(0):

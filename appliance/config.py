@@ -13,7 +13,7 @@ import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 from hw.profiles import PROFILES
 from hw.profiles import detect as detect_profile
@@ -27,8 +27,12 @@ class ConfigError(Exception):
     pass
 
 
-# section -> key -> (type, default, lower bound or None). Bounds keep every buffer finite.
-SCHEMA: dict[str, dict[str, tuple[type, Any, float | None]]] = {
+# (type, default, lower bound or None) of one key. Bounds keep every buffer finite.
+Spec = tuple[Any, Any, float | None]
+REQUIRED = object()  # the default of a key that must be given (subscriber tables)
+
+# section -> key -> Spec
+SCHEMA: dict[str, dict[str, Spec]] = {
     "server": {
         "name": (str, "module-ingest", None),
         "listen": (str, "127.0.0.1:7878", None),
@@ -165,23 +169,36 @@ def _toml_value(value: Any) -> str:
 
 
 def _check(section: str, key: str, value: Any, where: str) -> Any:
-    kind, _, low = SCHEMA[section][key]
     name = f"{section}.{key}"
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: {name} must be {kind.__name__}, got {value!r}")
-    if low is not None and value < low:
-        raise ConfigError(f"{where}: {name} must be >= {low}, got {value!r}")
+    value = check_value(name, SCHEMA[section][key], value, where, CHOICES.get(name))
     if key in ("listen", "tcp") and (value or key == "listen"):
         try:
             parse_address(value)
         except ValueError as exc:
             raise ConfigError(f"{where}: {name}: {exc}") from None
-    if name in CHOICES and value not in CHOICES[name]:
-        raise ConfigError(
-            f"{where}: {name} must be one of {', '.join(CHOICES[name])}, got {value!r}"
-        )
+    return value
+
+
+def check_value(name: str, spec: Spec, value: Any, where: str, choices: tuple | None = None) -> Any:
+    """One value against its (type, default, lower bound) spec; ConfigError naming `name`
+    and `where`. The type may be list[int] or list[str]: a list of those."""
+    kind, _, low = spec
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if get_origin(kind) is list:
+        (item,) = get_args(kind)
+        if not isinstance(value, list) or not all(
+            isinstance(v, item) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"{where}: {name} must be a list of {item.__name__}, got {value!r}")
+        return value
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: {name} must be {kind.__name__}, got {value!r}")
+    if low is not None and value < low:
+        raise ConfigError(f"{where}: {name} must be >= {low}, got {value!r}")
+    if choices is not None and value not in choices:
+        allowed = ", ".join(map(str, choices))
+        raise ConfigError(f"{where}: {name} must be one of {allowed}, got {value!r}")
     return value
 
 
@@ -238,8 +255,20 @@ def load(path: str | os.PathLike | None = None, environ: dict | None = None) -> 
 SUBSCRIBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,59}")
 
 
+# the keys every [subscribers.NAME] table may have (the runner's); the others are the
+# options of its type, checked against the schema the type declares (subscribers/runner.py)
+SUBSCRIBER_KEYS: dict[str, Spec] = {
+    "type": (str, REQUIRED, None),  # archive, index, ..., module:Class or an entry point
+    "channels": (list[int], [], None),  # filters: only these channels / identities
+    "identities": (list[str], [], None),
+    "batch": (int, 10000, 1),  # records per read of the log at most
+    "poll": (float, 0.05, 0.001),  # seconds between reads when caught up
+    "nice": (int, 10, 0),  # the process's nice value: ingestion gets the CPU first
+}
+
+
 def _subscribers(tables: Any, where: str) -> dict[str, dict[str, Any]]:
-    """Check the [subscribers.NAME] tables; each needs a type, filters are lists."""
+    """The [subscribers.NAME] tables: names, and the keys every table has."""
     if not isinstance(tables, dict):
         raise ConfigError(f"{where}: [subscribers] must hold [subscribers.NAME] tables")
     out = {}
@@ -247,17 +276,50 @@ def _subscribers(tables: Any, where: str) -> dict[str, dict[str, Any]]:
         key = f"subscribers.{name}"
         if not SUBSCRIBER_NAME.fullmatch(name) or not isinstance(table, dict):
             raise ConfigError(f"{where}: [{key}]: a name of letters, digits, _ . - and a table")
-        if not isinstance(table.get("type"), str) or not table["type"]:
+        own = {k: v for k, v in table.items() if k in SUBSCRIBER_KEYS}
+        checked = check_table(key, own, SUBSCRIBER_KEYS, where)
+        if not checked["type"]:
             raise ConfigError(f"{where}: {key}.type is required (archive, index, ...)")
-        channels = table.get("channels", [])
-        if not isinstance(channels, list) or not all(
-            type(c) is int and 0 <= c <= 0xFFFF for c in channels
-        ):
-            raise ConfigError(f"{where}: {key}.channels must be a list of channels 0..65535")
-        identities = table.get("identities", [])
-        if not isinstance(identities, list) or not all(isinstance(i, str) for i in identities):
-            raise ConfigError(f"{where}: {key}.identities must be a list of identity ids")
-        out[name] = dict(table)
+        if not all(0 <= c <= 0xFFFF for c in checked["channels"]):
+            raise ConfigError(f"{where}: {key}.channels must be channels 0..65535")
+        if checked["nice"] > 19:
+            raise ConfigError(f"{where}: {key}.nice must be 0..19, got {checked['nice']}")
+        out[name] = {**table, **checked}
+    return out
+
+
+class OptionError(ConfigError):
+    """A table's value is wrong in a way its type alone does not show (a file that is
+    missing, a URL it cannot use): check_table names the table, `key` and the file."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def check_table(
+    table: str,
+    values: dict[str, Any],
+    schema: dict[str, Spec],
+    where: str,
+    choices: dict[str, tuple] | None = None,
+) -> dict[str, Any]:
+    """The keys of one table (say "subscribers.up") against `schema`: unknown keys, types,
+    bounds, choices and REQUIRED keys; returns the values with the defaults filled in."""
+    choices = choices or {}
+    for key in values:
+        if key not in schema:
+            raise ConfigError(
+                f"{where}: unknown key {table}.{key} (known: {', '.join(sorted(schema))})"
+            )
+    out = {}
+    for key, spec in schema.items():
+        if key in values:
+            out[key] = check_value(f"{table}.{key}", spec, values[key], where, choices.get(key))
+        elif spec[1] is REQUIRED:
+            raise ConfigError(f"{where}: {table}.{key} is required")
+        else:
+            out[key] = spec[1]
     return out
 
 
@@ -276,10 +338,14 @@ def warn_if_secrets_exposed(path: str | os.PathLike, subscribers: dict[str, dict
     if not names:
         return
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+        info = os.stat(path)
     except OSError:
         return  # it was just read; a file that vanished since is not this check's business
-    if mode & 0o044:
+    mode = stat.S_IMODE(info.st_mode)
+    # group-readable is fine when the group is the daemon's own (the image installs the
+    # config 0640 root:module-ingest): nobody but the service can read it then
+    exposed = mode & 0o004 or (mode & 0o040 and info.st_gid != os.getegid())
+    if exposed:
         logging.getLogger("appliance.config").warning(
             "config %s holds secrets (%s) and is readable by %s (mode %04o): make it 0600, "
             "owned by the user the daemon runs as, or move them to the environment",

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,8 +19,9 @@ LISTENING = re.compile(r"listening on ([0-9.]+):(\d+)")
 START_TIMEOUT = 15.0
 
 
-def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
-    """Poll `condition` until it returns something true (returned) or the deadline passes."""
+def wait_for(condition, timeout: float = 10.0, what: str = "condition", interval: float = 0.002):
+    """Poll `condition` until it returns something true (returned) or the deadline passes;
+    a larger `interval` for conditions that cost a process each."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -27,7 +29,14 @@ def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.002)
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def subscriber_pid(daemon: Daemon, name: str) -> int:
@@ -56,6 +65,13 @@ def cli(*args: str, data_dir: Path, stdin: bytes | None = None, config: Path | N
     return subprocess.run(
         [*cmd, *args], input=stdin, capture_output=True, env=env, timeout=60, check=False
     )
+
+
+def stats_json(data_dir: Path) -> dict:
+    """`module-ingest stats --format json` of the daemon on data_dir."""
+    result = cli("stats", "--format", "json", data_dir=data_dir)
+    assert result.returncode == 0, result.stderr.decode()
+    return json.loads(result.stdout)
 
 
 class Daemon:

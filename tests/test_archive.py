@@ -30,7 +30,6 @@ from appliance.subscribers.archive import (
     HOUR_NS,
     INDEX_SIZE,
     STATE_FILE,
-    ArchiveError,
     ArchiveSubscriber,
     archive_root,
     encode_entry,
@@ -492,25 +491,6 @@ def test_open_files_are_capped(tmp_path):
     assert most == 2
     for channel in range(1, 7):
         assert [e.seq for e in stored(tmp_path, channel)] == [r * 10 + channel for r in range(5)]
-
-
-@pytest.mark.parametrize(
-    "options, message",
-    [
-        ({"retention_hour": 1}, "unknown option 'retention_hour'"),
-        ({"max_bytes": -1}, "max_bytes must be >= 0"),
-        ({"compress_level": 10}, "compress_level must be 1..9"),
-        ({"index_every": 2.5}, "index_every must be a whole number"),
-        ({"close_after": "5m"}, "close_after must be a number"),
-        ({"max_open_files": True}, "max_open_files must be a number"),
-    ],
-)
-def test_bad_options_are_one_line_errors(tmp_path, options, message):
-    with pytest.raises(ArchiveError) as err:
-        archive(tmp_path, **options)
-    assert message in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(ArchiveError):
-        ArchiveSubscriber.check_options(options)
 
 
 # -- export ----------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,9 +29,10 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from conftest import cli, subscriber_pid, wait_for
+from conftest import cli, free_port, stats_json, subscriber_pid, wait_for
 
 from appliance.client import Client
+from appliance.config import ConfigError
 from appliance.store import meta
 from appliance.store.segment import Record
 from appliance.subscribers import sigv4
@@ -49,12 +49,6 @@ pytest.importorskip("moto", reason="needs moto[server] (the dev extra)")
 
 MiB = 1024 * 1024
 KEYS = sigv4.Credentials("testing", "testing")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Moto:
@@ -183,6 +177,7 @@ def subscriber(tmp_path, client: S3Client, partial_commit=False, **options) -> C
     host = client.host_header
     options = {
         "endpoint": f"http://{host}",
+        "allow_insecure_http": True,  # moto on loopback
         "bucket": client.config.bucket,
         "access_key_id": "testing",
         "secret_access_key": "testing",
@@ -215,19 +210,24 @@ def iam(port: int, **params) -> str:
     return text
 
 
+def iam_user(server: Moto) -> sigv4.Credentials:
+    """A user allowed everything on S3, on a server that checks signatures."""
+    iam(server.port, Action="CreateUser", UserName="uploader")
+    made = iam(server.port, Action="CreateAccessKey", UserName="uploader")
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*",
+                                                        "Resource": "*"}]}  # fmt: skip
+    iam(server.port, Action="PutUserPolicy", UserName="uploader", PolicyName="s3",
+        PolicyDocument=json.dumps(policy))  # fmt: skip
+    return sigv4.Credentials(
+        re.search("<AccessKeyId>(.+?)</AccessKeyId>", made).group(1),
+        re.search("<SecretAccessKey>(.+?)</SecretAccessKey>", made).group(1),
+    )
+
+
 def test_client_against_a_server_that_checks_signatures(tmp_path):
     server = Moto(tmp_path / "moto.log", {"INITIAL_NO_AUTH_ACTION_COUNT": "3"}).start()
     try:
-        iam(server.port, Action="CreateUser", UserName="uploader")
-        made = iam(server.port, Action="CreateAccessKey", UserName="uploader")
-        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*",
-                                                            "Resource": "*"}]}  # fmt: skip
-        iam(server.port, Action="PutUserPolicy", UserName="uploader", PolicyName="s3",
-            PolicyDocument=json.dumps(policy))  # fmt: skip
-        creds = sigv4.Credentials(
-            re.search("<AccessKeyId>(.+?)</AccessKeyId>", made).group(1),
-            re.search("<SecretAccessKey>(.+?)</SecretAccessKey>", made).group(1),
-        )
+        creds = iam_user(server)
         client = new_bucket(server, credentials=creds, part_size=5 * MiB)
         assert client.addressing == "path" and client.head_bucket()
 
@@ -479,10 +479,14 @@ def test_with_partial_commit_records_are_held_until_size_or_age(moto, tmp_path):
 
 def test_bad_options_are_refused(tmp_path):
     context = Context("up", tmp_path, tmp_path, None, options={"bucket": "b", "max_byte": 1})
-    with pytest.raises(ConfigurationError, match="max_byte"):
+    with pytest.raises(ConfigError, match=r"unknown key subscribers\.up\.max_byte"):
         CloudSubscriber(context)
-    with pytest.raises(ConfigurationError, match="bucket"):
+    with pytest.raises(ConfigError, match=r"subscribers\.up\.bucket is required"):
         CloudSubscriber(Context("up", tmp_path, tmp_path, None, options={}))
+    plain = {"bucket": "b", "endpoint": "http://127.0.0.1:9", "access_key_id": "k",
+             "secret_access_key": "s"}  # fmt: skip
+    with pytest.raises(ConfigError, match="allow_insecure_http"):
+        CloudSubscriber(Context("up", tmp_path, tmp_path, None, options=plain))
 
 
 # -- through the daemon ----------------------------------------------------------------------
@@ -508,7 +512,7 @@ def frames_up(client: S3Client) -> set[tuple[str, int]]:
 def cloud_table(client: S3Client, extra: str = "") -> str:
     return (
         f'[subscribers.up]\ntype = "cloud"\nendpoint = "http://{client.host_header}"\n'
-        f'bucket = "{client.config.bucket}"\ncreate_bucket = true\n'
+        f'bucket = "{client.config.bucket}"\ncreate_bucket = true\nallow_insecure_http = true\n'
         f"retry_base = 0.05\nretry_max = 0.5\nretry_for = 3.0\nmax_age = 0.3\n{extra}"
     )
 
@@ -565,3 +569,31 @@ def test_daemon_outage_keeps_the_cursor_until_the_store_is_back(own_moto, daemon
         lambda: frames_up(client) >= logged(d) - before, timeout=20, what="uploads after the outage"
     )
     wait_for(lambda: meta.read_cursor(wal, "sub-up") > committed, what="the cursor to move")
+
+
+def test_a_refused_upload_backs_off_and_shows_in_stats(tmp_path, daemon_factory):
+    """403 SignatureDoesNotMatch will not mend by itself: one log line per try, no
+    traceback, pauses that double (with jitter) up to a minute, the error in stats."""
+    server = Moto(tmp_path / "moto.log", {"INITIAL_NO_AUTH_ACTION_COUNT": "3"}).start()
+    try:
+        creds = iam_user(server)
+        client = new_bucket(server, credentials=creds)
+        wrong = "0123456789-wrong-secret"
+        d = daemon_factory(
+            cloud_table(client, f'access_key_id = "{creds.access_key}"\n'
+                        f'secret_access_key = "{wrong}"\n')
+        )  # fmt: skip
+        stream(d, 20)
+        failed = re.compile(r"flush failed: .*SignatureDoesNotMatch.*trying again in ([\d.]+) s")
+        pauses = lambda: [float(p) for p in failed.findall(d.log())]  # noqa: E731
+        wait_for(lambda: len(pauses()) >= 4, timeout=20, what="four refused uploads")
+        first, fourth = pauses()[0], pauses()[3]
+        assert first <= 0.5 < 2.0 <= fourth <= 4.0  # 0.25-0.5 s, then 0.5-1, 1-2, 2-4 s
+        status = stats_json(d.data_dir)["subscribers"]["up"]
+        assert "SignatureDoesNotMatch" in status["last_error"] and status["failing"]
+        assert status["lag_bytes"] > 0 and status["uploaded_records"] == 0
+        text = d.log() + json.dumps(stats_json(d.data_dir))
+        assert "Traceback" not in text and wrong not in text
+        assert d.stop() == 0
+    finally:
+        server.stop()

@@ -357,21 +357,6 @@ def test_the_configured_index_without_data_yet(tmp_path, capsys):
     )
 
 
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"retention_hours": -1}, "subscribers.idx.retention_hours must be a number of hours >= 0"),
-        ({"retention_hours": "1"}, "subscribers.idx.retention_hours must be a number of hours"),
-        ({"cache_mib": 0.5}, "subscribers.idx.cache_mib must be an integer >= 1, got 0.5"),
-        ({"synchronous": "off"}, "subscribers.idx.synchronous must be full or normal, got 'off'"),
-        ({"retension_hours": 1}, "subscribers.idx.retension_hours: not an option of the index"),
-    ],
-)
-def test_bad_options_are_one_line_errors(tmp_path, options, message):
-    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
-        index(tmp_path, **options)
-
-
 # -- retention and damage ------------------------------------------------------------------------
 
 

@@ -276,11 +276,28 @@ secret_access_key = "wJalrXUtnFEMI"
 """
 
 
-@pytest.mark.parametrize(("mode", "warned"), [(0o644, True), (0o640, True), (0o600, False)])
-def test_a_config_holding_secrets_warns_when_others_may_read_it(tmp_path, caplog, mode, warned):
+OTHER_GID = 65534  # nogroup: a group the daemon (the test) is not running as
+
+
+@pytest.mark.parametrize(
+    ("mode", "group", "warned"),
+    [
+        (0o644, None, True),
+        (0o640, OTHER_GID, True),
+        (0o640, None, False),  # the daemon's own group, as the image installs it
+        (0o600, None, False),
+    ],
+)
+def test_a_config_holding_secrets_warns_when_others_may_read_it(
+    tmp_path, caplog, mode, group, warned
+):
+    if group is not None and os.geteuid() != 0:
+        pytest.skip("giving a file to another group needs root")
     path = tmp_path / "config.toml"
     path.write_text(SECRET_CONFIG)
     os.chmod(path, mode)
+    if group is not None:
+        os.chown(path, -1, group)
     with caplog.at_level(logging.WARNING, logger="appliance.config"):
         load_config(path, environ={})
     warnings = [r.getMessage() for r in caplog.records if r.name == "appliance.config"]

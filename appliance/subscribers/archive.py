@@ -115,8 +115,9 @@ written closed first), one block of index state per `.log`, and a batch.
 Options
 -------
 
-The keys of the `[subscribers.NAME]` table besides those of the runner; an
-unknown key or a bad value is an ArchiveError (one line) from the constructor.
+The keys of the `[subscribers.NAME]` table besides those of the runner
+(ArchiveSubscriber.OPTIONS); the daemon refuses to start with an unknown key
+or a bad value, in one line naming the table, the key and the file.
 
 ```
 retention_hours  0       delete a closed hour this long after its end (0: keep)
@@ -150,6 +151,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from appliance.config import OptionError
 from appliance.durable import fsync_dir
 from appliance.store.segment import Record
 from appliance.subscribers.base import Context, Subscriber
@@ -176,20 +178,6 @@ MAINTENANCE_SECONDS = 1.0  # compression work per flush before the rest waits fo
 RETRY_SECONDS = 60.0  # pause after a failed compression or retention
 READ_CHUNK = 1 << 20
 NAME_RE = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2})(?:\.(\d+))?\.log(\.gz)?(\.idx)?$")
-
-# option -> (type, default, lower bound, upper bound); documented in the module docstring
-OPTIONS: dict[str, tuple[type, float, float, float | None]] = {
-    "retention_hours": (float, 0, 0, None),  # 0: keep forever
-    "max_bytes": (int, 0, 0, None),  # 0: no limit
-    "close_after": (float, 300.0, 0, None),  # seconds without writes before compressing
-    "compress_level": (int, 6, 1, 9),
-    "index_every": (int, 256, 1, 1 << 20),
-    "max_open_files": (int, 32, 1, None),
-}
-
-
-class ArchiveError(ValueError):
-    """A bad option (raised by the constructor, the message names it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -629,32 +617,28 @@ class LiveFile:
         self.last_write = time.monotonic()
 
 
-def _options(raw: dict) -> dict:
-    values = {}
-    for key in raw:
-        if key not in OPTIONS:
-            raise ArchiveError(
-                f"archive: unknown option {key!r} (known: {', '.join(sorted(OPTIONS))})"
-            )
-    for key, (kind, default, low, high) in OPTIONS.items():
-        value = raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ArchiveError(f"archive: option {key} must be a number, got {value!r}")
-        if kind is int and value != int(value):
-            raise ArchiveError(f"archive: option {key} must be a whole number, got {value!r}")
-        if value < low or (high is not None and value > high):
-            bounds = f">= {low}" if high is None else f"{low}..{high}"
-            raise ArchiveError(f"archive: option {key} must be {bounds}, got {value!r}")
-        values[key] = kind(value)
-    return values
-
-
 class ArchiveSubscriber(Subscriber):
     """Files every frame under state_dir/archive/ (see the module docstring for the layout)."""
 
+    OPTIONS = {  # documented in the module docstring
+        "retention_hours": (float, 0.0, 0),  # 0: keep forever
+        "max_bytes": (int, 0, 0),  # 0: no limit
+        "close_after": (float, 300.0, 0),  # seconds without writes before compressing
+        "compress_level": (int, 6, 1),
+        "index_every": (int, 256, 1),
+        "max_open_files": (int, 32, 1),
+    }
+    CHOICES = {"compress_level": tuple(range(1, 10))}
+
+    @classmethod
+    def check(cls, options: dict, config_dir: Path) -> None:
+        if options["index_every"] > 1 << 20:
+            raise OptionError("index_every", f"at most {1 << 20}, got {options['index_every']}")
+
     def __init__(self, context: Context) -> None:
         super().__init__(context)
-        opts = _options(dict(context.options))
+        opts = self.options
+        self.check(opts, context.config_dir)
         self.retention_ns = int(opts["retention_hours"] * HOUR_NS)
         self.max_bytes = opts["max_bytes"]
         self.close_after = opts["close_after"]
@@ -664,7 +648,7 @@ class ArchiveSubscriber(Subscriber):
         self.state_dir = Path(context.state_dir)
         self.root = archive_root(self.state_dir)
         self.state_path = self.state_dir / STATE_FILE
-        # counters (the runner may report them)
+        # counters, in stats
         self.written = 0
         self.skipped = 0
         self.compressed = 0
@@ -673,11 +657,6 @@ class ArchiveSubscriber(Subscriber):
         self._maintain_after = 0.0
         self._maintain_failed = False
         self._reload()
-
-    @staticmethod
-    def check_options(options: dict) -> None:
-        """ArchiveError, one line naming the option, for a bad one (e.g. at daemon start)."""
-        _options(dict(options))
 
     # -- recovery ----------------------------------------------------------------------
 
@@ -798,7 +777,7 @@ class ArchiveSubscriber(Subscriber):
         not written, take in the seqs past the checkpoint, fsync (they count as written)."""
         live = LiveFile(path, rel, channel, hour, part)
         checkpoint = HEADER_SIZE if checkpoint is None else checkpoint
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         try:
             file_size = os.fstat(fd).st_size
             reason = check_header(_pread_all(fd, HEADER_SIZE, 0), channel, hour)
@@ -875,7 +854,8 @@ class ArchiveSubscriber(Subscriber):
 
     def _copy_aside(self, fd: int, path: Path, start: int, end: int, reason: str) -> None:
         aside = path.with_name(f"{path.name}.bad-{start}")
-        with open(aside, "wb") as out:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        with os.fdopen(os.open(aside, flags, 0o600), "wb") as out:
             pos = start
             while pos < end:
                 chunk = _pread_all(fd, min(READ_CHUNK, end - pos), pos)
@@ -948,7 +928,7 @@ class ArchiveSubscriber(Subscriber):
 
     def _fd(self, live: LiveFile) -> int:
         if live.fd is None:
-            live.fd = os.open(live.path, os.O_RDWR)
+            live.fd = os.open(live.path, os.O_RDWR | os.O_NOFOLLOW)
             self._open[live.path] = live
             self._evict()
         else:
@@ -1080,7 +1060,9 @@ class ArchiveSubscriber(Subscriber):
             self._retention()
 
     def _write_index(self, live: LiveFile) -> None:
-        fd = os.open(index_path(live.path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(
+            index_path(live.path), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600
+        )
         try:
             os.write(fd, b"".join(b.encode() for b in live.pending))
             os.fsync(fd)
@@ -1093,7 +1075,7 @@ class ArchiveSubscriber(Subscriber):
         sizes = {live.rel: live.size for live in self._live.values()}
         body = json.dumps({"version": 1, "highest": self.highest, "files": sizes}).encode()
         tmp = self.state_path.with_name(STATE_FILE + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             _pwrite_all(fd, b"%08x\n" % zlib.crc32(body) + body, 0)
             os.fsync(fd)
@@ -1165,7 +1147,7 @@ class ArchiveSubscriber(Subscriber):
 
     def _write_gz(self, src: int, tmp: Path, blocks: list[Block]) -> list[Block]:
         """The header as one gzip member, each block as one; returns the new index lines."""
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             member = gzip_member(_pread_all(src, HEADER_SIZE, 0), self.level)
             _pwrite_all(out, member, 0)
@@ -1228,6 +1210,14 @@ class ArchiveSubscriber(Subscriber):
         log.info("%s: deleted %s/%s (%s)", self.name, path.parent.name, path.name, why)
         return freed
 
+    def stats(self) -> dict:
+        return {
+            "written": self.written,
+            "skipped_as_archived": self.skipped,
+            "compressed_files": self.compressed,
+            "deleted_files": self.deleted,
+        }
+
     def close(self) -> None:
         try:
             if not self._needs_reload:  # else the files are what the next start recovers
@@ -1243,7 +1233,7 @@ class ArchiveSubscriber(Subscriber):
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         _pwrite_all(fd, data, 0)
         os.fsync(fd)

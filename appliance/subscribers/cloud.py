@@ -27,11 +27,14 @@ x-amz-meta-* headers say how many frames, and the first and last (identity, seq)
 Delivery. The runner commits the cursor after `flush()` returns, so `flush()`
 uploads whatever is pending and returns only once the store has confirmed
 every PUT (HTTP 200; multipart: the completion). A failed request is retried
-with exponential backoff and jitter for up to `retry_for` seconds; then
-`flush()` raises, the cursor stays, and the runner hands the batch over again
-after its own pause (the records already held are recognised by their log
-place and not added twice). After a crash or a restart, reading resumes at the
-cursor: what was not confirmed is read again and uploaded, at least once.
+with exponential backoff and jitter for up to `retry_for` seconds (a refusal
+that will not mend by itself, such as 403 SignatureDoesNotMatch, at once); then
+`flush()` raises, the cursor stays, and the runner tries again after its own
+pause, exponential with jitter up to a minute (the records already held are
+recognised by their log place and not added twice). The last error is in
+`module-ingest stats` (subscribers.NAME.last_error) while it lasts. After a
+crash or a restart, reading resumes at the cursor: what was not confirmed is
+read again and uploaded, at least once.
 
 Batching. The runner commits partially (`Context.partial_commit`): `flush()`
 returns the log position of the first record it still holds, the cursor
@@ -49,19 +52,19 @@ AWS_ENDPOINT_URL, else AWS), region (else AWS_REGION or AWS_DEFAULT_REGION,
 else us-east-1; "auto" for GCS), prefix ("{host}" becomes the host name),
 addressing (auto/path/virtual), payload (hashed/unsigned), max_bytes,
 max_age, part_size (at least 5 MiB), retry_for (30 s), retry_base (0.2 s),
-retry_max (10 s), timeout (30 s per socket operation), create_bucket (create
+retry_max (60 s), timeout (30 s per socket operation), create_bucket (create
 a missing bucket: MinIO, tests), storage_class, gzip_level (6), profile,
-access_key_id, secret_access_key, session_token.
+access_key_id, secret_access_key, session_token, allow_insecure_http (an
+http:// endpoint is refused without it: frames and signatures in clear). The
+daemon checks them when it starts (runner.check_subscriber), credentials
+included.
 """
 
 from __future__ import annotations
 
-import base64
 import configparser
-import json
 import logging
 import os
-import random
 import socket
 import time
 import zlib
@@ -69,34 +72,31 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
+from appliance.config import REQUIRED, OptionError
 from appliance.store.segment import Record
+from appliance.subscribers.backoff import Backoff
 from appliance.subscribers.base import Context, Subscriber
-from appliance.subscribers.s3 import S3Client, S3Config, S3Error
+from appliance.subscribers.lines import frame_line
+from appliance.subscribers.s3 import MIN_PART_SIZE, S3Client, S3Config, S3Error
 from appliance.subscribers.sigv4 import Credentials
 
 log = logging.getLogger("appliance.subscribers.cloud")
-
-DEFAULTS = {
-    "prefix": "module-ingest",
-    "addressing": "auto",
-    "payload": "hashed",
-    "max_bytes": 8 * 1024 * 1024,
-    "max_age": 60.0,
-    "part_size": 16 * 1024 * 1024,
-    "retry_for": 30.0,
-    "retry_base": 0.2,
-    "retry_max": 10.0,
-    "timeout": 30.0,
-    "create_bucket": False,
-    "gzip_level": 6,
-}
-
 
 SLICE = 64 * 1024  # bytes of records compressed in one call
 
 
 class ConfigurationError(ValueError):
     pass
+
+
+def endpoint_of(options: dict, environ=os.environ) -> str | None:
+    """The table's endpoint, else AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else None (AWS)."""
+    return (
+        options.get("endpoint")
+        or environ.get("AWS_ENDPOINT_URL_S3")
+        or environ.get("AWS_ENDPOINT_URL")
+        or None
+    )
 
 
 def resolve_credentials(options: dict, environ=os.environ) -> Credentials:
@@ -126,21 +126,6 @@ def resolve_credentials(options: dict, environ=os.environ) -> Credentials:
         "no credentials: set access_key_id and secret_access_key in the table, or "
         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a shared credentials file"
     )
-
-
-LINE = b'{"id": %s, "channel": %d, "seq": %d, "ts_ns": %d, "recv_ns": %d, "payload_b64": "%s"}\n'
-_ids: dict[str, bytes] = {}  # identity -> its JSON string: a few identities, many frames
-
-
-def frame_line(rec: Record) -> bytes:
-    """One frame as a JSON line, with the keys of `module-ingest dump` (store/tools.py)."""
-    ident = _ids.get(rec.identity)
-    if ident is None:
-        if len(_ids) > 4096:
-            _ids.clear()
-        ident = _ids[rec.identity] = json.dumps(rec.identity).encode()
-    payload = base64.b64encode(rec.payload)
-    return LINE % (ident, rec.channel, rec.seq, rec.ts_ns, rec.recv_ns, payload)
 
 
 def object_key(prefix: str, first: Record) -> str:
@@ -184,37 +169,71 @@ class Batch:
 
 
 class CloudSubscriber(Subscriber):
+    OPTIONS = {
+        "bucket": (str, REQUIRED, None),
+        "endpoint": (str, "", None),
+        "region": (str, "", None),
+        "prefix": (str, "module-ingest", None),
+        "addressing": (str, "auto", None),
+        "payload": (str, "hashed", None),
+        "max_bytes": (int, 8 * 1024 * 1024, 1),
+        "max_age": (float, 60.0, 0),
+        "part_size": (int, 16 * 1024 * 1024, MIN_PART_SIZE),
+        "retry_for": (float, 30.0, 0),
+        "retry_base": (float, 0.2, 0.001),
+        "retry_max": (float, 60.0, 0.001),
+        "timeout": (float, 30.0, 0.1),
+        "create_bucket": (bool, False, None),
+        "storage_class": (str, "", None),
+        "gzip_level": (int, 6, 1),
+        "profile": (str, "", None),
+        "access_key_id": (str, "", None),
+        "secret_access_key": (str, "", None),
+        "session_token": (str, "", None),
+        "allow_insecure_http": (bool, False, None),
+    }
+    CHOICES = {
+        "addressing": ("auto", "path", "virtual"),
+        "payload": ("hashed", "unsigned"),
+        "gzip_level": tuple(range(1, 10)),
+    }
+
+    @classmethod
+    def check(cls, options: dict, config_dir: Path) -> None:
+        endpoint = endpoint_of(options)
+        if endpoint and not endpoint.startswith(("http://", "https://")):
+            raise OptionError("endpoint", f"expected http(s)://host[:port], got {endpoint!r}")
+        if endpoint and endpoint.startswith("http://") and not options["allow_insecure_http"]:
+            raise OptionError(
+                "endpoint",
+                "http:// sends the frames in clear; use https:// or set allow_insecure_http = true",
+            )
+        try:
+            resolve_credentials(options)
+        except ConfigurationError as exc:
+            raise OptionError("access_key_id", str(exc)) from None
+
     def __init__(self, context: Context) -> None:
         super().__init__(context)
-        opts = {**DEFAULTS, **context.options}
-        unknown = set(context.options) - set(DEFAULTS) - {
-            "bucket", "endpoint", "region", "access_key_id", "secret_access_key",
-            "session_token", "storage_class", "profile",
-        }  # fmt: skip
-        if unknown:
-            raise ConfigurationError(f"cloud {self.name}: unknown option(s) {sorted(unknown)}")
-        if not opts.get("bucket"):
-            raise ConfigurationError(f"cloud {self.name}: `bucket` is required")
+        opts = self.options
+        self.check(opts, context.config_dir)  # also when built without the daemon's check
         env = os.environ
-        endpoint = (
-            opts.get("endpoint") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-        )
-        region = opts.get("region") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        endpoint = endpoint_of(opts)
+        region = opts["region"] or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
         self.prefix = str(opts["prefix"]).strip("/")
         if "{host}" in self.prefix:
             self.prefix = self.prefix.replace("{host}", socket.gethostname())
         self.max_bytes = int(opts["max_bytes"])
         self.max_age = float(opts["max_age"])
         self.retry_for = float(opts["retry_for"])
-        self.retry_base = float(opts["retry_base"])
-        self.retry_max = float(opts["retry_max"])
+        self.retry = (opts["retry_base"], opts["retry_max"])
         self.create_bucket = bool(opts["create_bucket"])
         self.level = int(opts["gzip_level"])
         # partial commit: hold records across batches (see the module doc)
-        self.hold = bool(getattr(context, "partial_commit", False))
+        self.hold = context.partial_commit
         # set when the process is told to stop: retries end early (the cursor stays)
-        self.stopping = getattr(context, "stopping", None)
-        extra = {"x-amz-storage-class": opts["storage_class"]} if opts.get("storage_class") else {}
+        self.stopping = context.stopping
+        extra = {"x-amz-storage-class": opts["storage_class"]} if opts["storage_class"] else {}
         self.client = S3Client(
             S3Config(
                 bucket=str(opts["bucket"]),
@@ -235,6 +254,8 @@ class CloudSubscriber(Subscriber):
         self.uploaded_records = 0
         self.uploaded_bytes = 0
         self.retries = 0
+        self.last_error: str | None = None  # of the last failed request, while failing
+        self.last_error_time: float | None = None
 
     # -- the Subscriber interface ----------------------------------------------------------
 
@@ -304,14 +325,18 @@ class CloudSubscriber(Subscriber):
         """Run one request; retry what may pass later, with exponential backoff and
         jitter, for up to retry_for seconds; then raise (the batch comes again)."""
         deadline = time.monotonic() + self.retry_for
-        delay = self.retry_base
+        backoff = Backoff(*self.retry)
         attempt = 0
         created = False
         while True:
             try:
-                return request()
+                answer = request()
+                self.last_error = None
+                return answer
             except S3Error as exc:
                 attempt += 1
+                self.last_error = str(exc)
+                self.last_error_time = round(time.time(), 3)
                 if exc.code == "NoSuchBucket" and self.create_bucket and not created:
                     try:
                         self.client.create_bucket()
@@ -323,7 +348,7 @@ class CloudSubscriber(Subscriber):
                 # a missing bucket may be created meanwhile; a bad key or signature will not mend
                 if not (exc.retryable or exc.code == "NoSuchBucket"):
                     raise
-                pause = delay * random.uniform(0.5, 1.0)  # exponential, with jitter
+                pause = backoff.pause()
                 stopping = self.stopping is not None and self.stopping.is_set()
                 if stopping or time.monotonic() + pause > deadline:
                     log.error(
@@ -338,4 +363,16 @@ class CloudSubscriber(Subscriber):
                     self.stopping.wait(pause)
                 else:
                     time.sleep(pause)
-                delay = min(delay * 2, self.retry_max)
+
+    def stats(self) -> dict:
+        out = {
+            "uploaded_objects": self.uploaded_objects,
+            "uploaded_records": self.uploaded_records,
+            "uploaded_bytes": self.uploaded_bytes,
+            "retries": self.retries,
+            "held_records": self.pending.count + sum(b.count for b in self.ready),
+        }
+        if self.last_error:
+            out.update(failing=True, last_error=self.last_error)
+            out["last_error_time"] = self.last_error_time
+        return out

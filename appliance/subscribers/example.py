@@ -17,9 +17,13 @@ from appliance.subscribers.base import Context, Subscriber
 
 
 class JsonlFile(Subscriber):
+    OPTIONS = {}  # no options of its own: any other key in its table is refused
+
     def __init__(self, context: Context) -> None:
         super().__init__(context)
-        self.file = open(context.state_dir / "records.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+        fd = os.open(context.state_dir / "records.jsonl", flags, 0o600)
+        self.file = os.fdopen(fd, "a", encoding="utf-8")
 
     def handle(self, records: list[Record]) -> None:
         for rec in records:

@@ -57,10 +57,10 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.config import OptionError
 from appliance.durable import fsync_dir
 from appliance.store.segment import Record
 from appliance.subscribers.base import Context, Subscriber
@@ -128,46 +128,6 @@ class IndexFileError(Exception):
 
 def is_corrupt(exc: BaseException) -> bool:
     return getattr(exc, "sqlite_errorcode", 0) & 0xFF in CORRUPT_CODES
-
-
-# -- options ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Options:
-    retention_hours: float = 0.0
-    rollup_retention_hours: float | None = None  # None: as retention_hours
-    synchronous: str = "full"
-    cache_mib: int = 8
-    retention_chunk: int = 10000
-
-
-SYNCHRONOUS = ("full", "normal")
-_LOWER = {"retention_hours": 0, "rollup_retention_hours": 0, "cache_mib": 1, "retention_chunk": 100}
-
-
-def parse_options(name: str, options: dict[str, Any]) -> Options:
-    """The table's options, checked: a ValueError naming the key (one line) if one is bad;
-    the runner reports it and the manager's backoff applies."""
-    where = f"subscribers.{name}"
-    known = Options.__dataclass_fields__
-    values: dict[str, Any] = {}
-    for key, value in options.items():
-        if key not in known:
-            raise ValueError(
-                f"{where}.{key}: not an option of the index (options: {', '.join(known)})"
-            )
-        if key == "synchronous":
-            if value not in SYNCHRONOUS:
-                raise ValueError(f"{where}.synchronous must be full or normal, got {value!r}")
-        else:
-            integer = key in ("cache_mib", "retention_chunk")
-            kinds = (int,) if integer else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kinds) or value < _LOWER[key]:
-                what = "an integer" if integer else "a number of hours"
-                raise ValueError(f"{where}.{key} must be {what} >= {_LOWER[key]}, got {value!r}")
-        values[key] = value
-    return Options(**values)
 
 
 # -- the database ----------------------------------------------------------------------
@@ -240,23 +200,37 @@ def unfold_seq(seq: int) -> int:
 class IndexSubscriber(Subscriber):
     """Index every frame of the batches: location by (identity, channel, ts), minute rollups."""
 
+    OPTIONS = {  # documented in the module docstring
+        "retention_hours": (float, 0.0, 0),
+        "rollup_retention_hours": (float, -1.0, None),  # -1: as retention_hours
+        "synchronous": (str, "full", None),
+        "cache_mib": (int, 8, 1),
+        "retention_chunk": (int, 10000, 100),
+    }
+    CHOICES = {"synchronous": ("full", "normal")}
+
+    @classmethod
+    def check(cls, options: dict[str, Any], config_dir: Path) -> None:
+        if options["rollup_retention_hours"] < 0 and options["rollup_retention_hours"] != -1:
+            raise OptionError("rollup_retention_hours", "hours >= 0 (or -1: as retention_hours)")
+
     def __init__(self, context: Context) -> None:
         super().__init__(context)
-        opts = parse_options(context.name, dict(context.options))
-        rollup_hours = opts.rollup_retention_hours
-        self.retention_ns = int(opts.retention_hours * HOUR_NS)
+        opts = self.options
+        rollup_hours = opts["rollup_retention_hours"]
+        self.retention_ns = int(opts["retention_hours"] * HOUR_NS)
         self.rollup_retention_ns = int(
-            (opts.retention_hours if rollup_hours is None else rollup_hours) * HOUR_NS
+            (opts["retention_hours"] if rollup_hours < 0 else rollup_hours) * HOUR_NS
         )
-        self.chunk = opts.retention_chunk
-        self.synchronous = opts.synchronous
-        self.cache_mib = opts.cache_mib
+        self.chunk = opts["retention_chunk"]
+        self.synchronous = opts["synchronous"]
+        self.cache_mib = opts["cache_mib"]
         self.path = Path(context.state_dir) / DB_NAME
         self._ids: dict[str, int] = {}
         self._series: set[tuple[int, int]] = set()
         self._next_expire = 0.0
         self._expire_from = 0  # retention goes round the series from here
-        self.inserted = 0  # counters, for tests and the benchmark
+        self.inserted = 0  # counters, in stats
         self.duplicates = 0
         self.expired = 0
         self.db = self._open()
@@ -328,6 +302,9 @@ class IndexSubscriber(Subscriber):
                 deleted = 0
             pause = 0.0 if deleted >= self.chunk else RETENTION_EVERY  # a backlog: on it goes
             self._next_expire = time.monotonic() + pause
+
+    def stats(self) -> dict[str, Any]:
+        return {"inserted": self.inserted, "duplicates": self.duplicates, "expired": self.expired}
 
     def close(self) -> None:
         if self.db.in_transaction:

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib.util
 import json
 import logging
 import os
@@ -62,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.config import ConfigError
+from appliance.config import REQUIRED, ConfigError, OptionError
 from appliance.store.segment import Record
 from appliance.subscribers.base import Context, Subscriber
 
@@ -206,7 +207,7 @@ class DecodeRule:
 
     @classmethod
     def from_options(cls, options: dict[str, Any], backend: Backend) -> DecodeRule:
-        shape = options.get("shape")
+        shape = options.get("shape") or None  # none or []: from the model
         if shape is not None and not isinstance(shape, list):
             raise InferenceError(f"inference: shape must be a list of ints, not {shape!r}")
         return cls(
@@ -224,12 +225,17 @@ class DecodeRule:
 
     def assemble(self, payloads: list[bytes]):
         """The model input for one window of frame payloads (each `fits`)."""
+        return self.assemble_many([payloads])[0]
+
+    def assemble_many(self, windows: list[list[bytes]]):
+        """The model inputs of many windows at once (one array, one input per window)."""
         np = self.np
-        raw = np.frombuffer(b"".join(payloads), dtype=self.dtype)
-        raw = raw.reshape((len(payloads), *self.shape))  # (window, *shape): frames in order
+        raw = np.frombuffer(b"".join(b"".join(w) for w in windows), dtype=self.dtype)
+        # (windows, window, *shape): frames in order
+        raw = raw.reshape((len(windows), len(windows[0]), *self.shape))
         if self.scale != 1.0 or self.offset != 0.0:
             raw = raw.astype(np.float64) * self.scale + self.offset
-        return raw.astype(self.input_dtype).reshape(self.input_shape)
+        return raw.astype(self.input_dtype).reshape((len(windows), *self.input_shape))
 
 
 # -- window state ----------------------------------------------------------------------
@@ -292,24 +298,54 @@ def latency_summary(latencies_ms) -> dict[str, float]:
 
 
 class InferenceSubscriber(Subscriber):
+    OPTIONS = {  # documented in the module docstring
+        "output_channel": (int, REQUIRED, 0),
+        "backend": (str, "tflite", None),
+        "model": (str, "", None),
+        "threads": (int, 1, 1),
+        "device": (str, "", None),
+        "link": (str, "auto", None),
+        "baudrate": (int, 115200, 50),
+        "timeout": (float, 1.0, 0.001),
+        "retries": (int, 2, 0),
+        "dtype": (str, "float32", None),
+        "shape": (list[int], [], None),  # []: the model's input size / window
+        "window": (int, 1, 1),
+        "scale": (float, 1.0, None),
+        "offset": (float, 0.0, None),
+        "labels": (list[str], [], None),
+    }
+    CHOICES = {"backend": ("tflite", "fpga"), "link": ("auto", "serial", "chardev")}
+
+    @classmethod
+    def check(cls, options: dict[str, Any], config_dir: Path) -> None:
+        if options["output_channel"] > 0xFFFF:
+            raise OptionError("output_channel", "a channel is 0..65535")
+        if options["backend"] == "fpga":
+            if not options["device"]:
+                raise OptionError("device", "the fpga backend needs device = PATH")
+            return
+        if importlib.util.find_spec("numpy") is None or not any(
+            importlib.util.find_spec(m) for m in ("ai_edge_litert", "tflite_runtime")
+        ):
+            raise OptionError("backend", f"tflite needs numpy and LiteRT: {EXTRA}")
+        if not options["model"]:
+            raise OptionError("model", "the tflite backend needs model = PATH")
+        model = Path(options["model"])
+        model = model if model.is_absolute() else config_dir / model
+        if not model.is_file():
+            raise OptionError("model", f"model file {model} not found")
+
     def __init__(self, context: Context, backend: Backend | None = None) -> None:
         super().__init__(context)
         require_numpy()
         opts = self.options
-        channel = opts.get("output_channel")
-        if type(channel) is not int or not 0 <= channel <= 0xFFFF:
-            raise InferenceError(f"inference {self.name}: output_channel = 0..65535 is required")
         if context.publish is None:
             raise InferenceError(f"inference {self.name}: the daemon gave no way to publish")
-        self.output_channel = channel
+        self.output_channel = opts["output_channel"]
         self.own_identity = f"subscriber/{self.name}"
-        labels = opts.get("labels", [])
-        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-            raise InferenceError(f"inference {self.name}: labels must be a list of strings")
-        self.labels = labels
-        config_path = getattr(context.config, "path", None)
-        base_dir = Path(config_path).resolve().parent if config_path else Path.cwd()
-        self.backend = backend if backend is not None else open_backend(opts, base_dir)
+        self.labels = opts["labels"]
+        self.backend = backend if backend is not None else open_backend(opts, context.config_dir)
         try:
             self.rule = DecodeRule.from_options(opts, self.backend)
         except BaseException:
@@ -331,7 +367,7 @@ class InferenceSubscriber(Subscriber):
             self.rule.window,
             list(self.rule.shape),
             self.rule.dtype.str,
-            channel,
+            self.output_channel,
         )
 
     # -- state file ----------------------------------------------------------------
@@ -383,7 +419,7 @@ class InferenceSubscriber(Subscriber):
             }
         ).encode()
         tmp = self.state_path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, data)
             os.fsync(fd)
@@ -425,8 +461,7 @@ class InferenceSubscriber(Subscriber):
         start = self._start_from(records[0])
         pending = dict(start.pending)
         rule = self.rule
-        results: list[tuple[bytes, int]] = []
-        latencies = []
+        windows: list[tuple[Key, tuple[Frame, ...]]] = []
         for rec in records:
             if (rec.segment, rec.offset) < start.pos or rec.identity == self.own_identity:
                 continue
@@ -439,9 +474,8 @@ class InferenceSubscriber(Subscriber):
                 pending[key] = frames
                 continue
             pending.pop(key, None)
-            payload, latency = self._infer(key, frames)
-            results.append((payload, frames[-1][1]))
-            latencies.append(latency)
+            windows.append((key, frames))
+        results, latencies = self._infer(windows)
         last = records[-1]
         # only now, with every window of the batch run: a failure above changes nothing
         self.base, self.state = start, Windows((last.segment, last.end), pending)
@@ -450,28 +484,36 @@ class InferenceSubscriber(Subscriber):
         self.windows += len(results)
         self.latencies.extend(latencies)
 
-    def _infer(self, key: Key, frames: tuple[Frame, ...]) -> tuple[bytes, float]:
-        ident, channel = key
+    def _infer(self, windows: list[tuple[Key, tuple[Frame, ...]]]):
+        """Run the windows of a batch: ([(JSON result, ts_ns)], [latency ms]). The inputs
+        are converted in one go and each result is one string format, not a dict."""
+        if not windows:
+            return [], []
         np = self.rule.np
-        x = self.rule.assemble([p for _s, _t, p in frames])
-        started = time.perf_counter_ns()
-        y = self.backend.run(x)
-        latency_ms = (time.perf_counter_ns() - started) / 1e6
-        scores = np.asarray(y, dtype=np.float64).reshape(-1)
-        label = int(np.argmax(scores))
-        result = {
-            "identity": ident,
-            "channel": channel,
-            "first": [ident, frames[0][0]],
-            "last": [ident, frames[-1][0]],
-            "scores": [float(s) for s in np.asarray(y).reshape(-1)],
-            "label": label,
-            "latency_ms": round(latency_ms, 4),
-            "backend": self.backend.name,
-        }
-        if label < len(self.labels):
-            result["label_name"] = self.labels[label]
-        return json.dumps(result, separators=(",", ":")).encode(), latency_ms
+        inputs = self.rule.assemble_many([[p for _s, _t, p in frames] for _k, frames in windows])
+        run, clock = self.backend.run, time.perf_counter_ns
+        outputs, latencies = [], []
+        for x in inputs:
+            started = clock()
+            outputs.append(run(x))
+            latencies.append((clock() - started) / 1e6)
+        scores = np.asarray(outputs, dtype=np.float64).reshape(len(windows), -1)
+        labels = scores.argmax(axis=1).tolist()
+        backend = json.dumps(self.backend.name)
+        names = [json.dumps(n) for n in self.labels]
+        results = []
+        for (key, frames), row, label, latency in zip(
+            windows, scores.tolist(), labels, latencies, strict=True
+        ):
+            ident = json.dumps(key[0])
+            named = f',"label_name":{names[label]}' if label < len(names) else ""
+            text = (
+                f'{{"identity":{ident},"channel":{key[1]},"first":[{ident},{frames[0][0]}],'
+                f'"last":[{ident},{frames[-1][0]}],"scores":[{",".join(map(repr, row))}],'
+                f'"label":{label},"latency_ms":{round(latency, 4)!r},"backend":{backend}{named}}}'
+            )
+            results.append((text.encode(), frames[-1][1]))
+        return results, latencies
 
     def _skip(self, key: Key, rec: Record) -> None:
         count = self.skipped.get(key, 0) + 1
@@ -492,6 +534,15 @@ class InferenceSubscriber(Subscriber):
     @property
     def skipped_total(self) -> int:
         return sum(self.skipped.values())
+
+    def stats(self) -> dict[str, Any]:
+        latency = latency_summary(self.latencies)
+        return {
+            "windows": self.windows,
+            "wrong_size_frames": self.skipped_total,  # skipped: not the decode rule's size
+            "latency_p50_ms": latency["p50_ms"],
+            "latency_p99_ms": latency["p99_ms"],
+        }
 
     def flush(self) -> None:
         if self.state is self._saved:

@@ -7,6 +7,7 @@ reads the small cursor files, so it never blocks on a subscriber.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -33,6 +34,9 @@ class Child:
         self.backoff = BACKOFF[0]
         self.restart_at = 0.0
         self.restarts = 0
+        self.status_fd: int | None = None  # read end of the process's status pipe
+        self.status: dict = {}  # its last status line
+        self.partial = b""
 
 
 class SubscriberManager:
@@ -46,12 +50,13 @@ class SubscriberManager:
         self.children = {name: Child(name) for name in config.subscribers}
 
     def start(self) -> None:
+        runner.check_subscribers(self.config)  # a bad table fails at start, in one line
         for name, table in self.config.subscribers.items():
-            runner.load_class(table["type"])  # a typo fails at start, in one line
             self._ensure_identity(name, table)
             self._spawn(self.children[name])
         self.server.sweep_hooks.append(self._sweep)
         self.server.stop_hooks.append(self.stop)
+        self.server.subscriber_status = self.status
 
     def _ensure_identity(self, name: str, table: dict) -> None:
         """subscriber/NAME may write the derived channel (inference results)."""
@@ -79,7 +84,15 @@ class SubscriberManager:
         if self.config.path:
             cmd += ["--config", os.path.abspath(self.config.path)]
         cmd += ["subscriber", child.name]
-        child.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, cwd=data_dir)
+        self._close_status(child)
+        child.status_fd, status_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        env[runner.ENV_STATUS_FD] = str(status_w)
+        try:
+            child.proc = subprocess.Popen(
+                cmd, env=env, stdin=subprocess.DEVNULL, pass_fds=(status_w,), cwd=data_dir
+            )
+        finally:
+            os.close(status_w)
         child.started = time.monotonic()
         log.info("subscriber %s: started (pid %d)", child.name, child.proc.pid)
 
@@ -87,6 +100,7 @@ class SubscriberManager:
         if self.server.stopping:
             return
         for child in self.children.values():
+            self._read_status(child)
             proc = child.proc
             if proc is not None and proc.poll() is not None:
                 if now - child.started >= STABLE:
@@ -104,6 +118,46 @@ class SubscriberManager:
                 child.restarts += 1
                 self._spawn(child)
 
+    def _read_status(self, child: Child) -> None:
+        """Keep the newest complete status line the process sent (runner.Status)."""
+        if child.status_fd is None:
+            return
+        try:
+            data = os.read(child.status_fd, 65536)
+        except BlockingIOError:
+            return
+        if not data:  # the process has gone
+            self._close_status(child)
+            return
+        lines = (child.partial + data).split(b"\n")
+        child.partial = lines.pop()[-65536:]
+        for line in reversed(lines):
+            try:
+                child.status = json.loads(line)
+                break
+            except ValueError:
+                continue
+
+    def _close_status(self, child: Child) -> None:
+        if child.status_fd is not None:
+            os.close(child.status_fd)
+            child.status_fd = None
+            child.partial = b""
+
+    def status(self) -> dict[str, dict]:
+        """Per subscriber: its type, process, restarts, lag and the last status it sent."""
+        lags = self.lags()
+        return {
+            name: {
+                "type": self.config.subscribers[name]["type"],
+                "pid": child.proc.pid if child.proc else None,
+                "restarts": child.restarts,
+                "lag_bytes": lags.get(name, 0),
+                **child.status,
+            }
+            for name, child in self.children.items()
+        }
+
     def stop(self) -> None:
         procs = [c.proc for c in self.children.values() if c.proc is not None]
         for proc in procs:
@@ -115,6 +169,8 @@ class SubscriberManager:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for child in self.children.values():
+            self._close_status(child)
 
     def lags(self) -> dict[str, int]:
         """Bytes of log each subscriber has still to read."""

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections import deque
-from logging.handlers import RotatingFileHandler
+from logging.handlers import RotatingFileHandler, WatchedFileHandler
 from pathlib import Path
 from typing import Any
 
@@ -182,12 +182,29 @@ def _resolve(path: str, config) -> Path:
     return p if p.is_absolute() else Path(config.data_dir) / p
 
 
-def setup(config) -> LogBuffer:
+class Fields(logging.Filter):
+    """Adds fields to every record that passes (say subscriber=NAME in a child process)."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        super().__init__()
+        self.fields = fields
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        own = getattr(record, "fields", None)
+        record.fields = {**self.fields, **own} if isinstance(own, dict) else self.fields
+        return True
+
+
+def setup(config, *, child: dict[str, Any] | None = None) -> LogBuffer:
     """Configure the root logger from config.log; returns the in-memory buffer.
 
     Idempotent: a second call replaces what the first installed. Like
     logging.basicConfig(force=True), it also removes other handlers on the root
-    logger (the CLI's basicConfig one), so no event is written twice."""
+    logger (the CLI's basicConfig one), so no event is written twice.
+
+    `child`: this is a process the daemon started (a subscriber), these fields go on
+    each of its lines. It appends to `log.file` but leaves rotating it to the daemon
+    (it reopens the file when the daemon has rotated it)."""
     global _buffer
     section = config.values["log"]
     formatter = StructuredFormatter(section["format"])
@@ -209,18 +226,23 @@ def setup(config) -> LogBuffer:
         if section["file"]:
             path = _resolve(section["file"], config)
             try:
-                handlers.append(
-                    RotatingFile(
-                        path,
-                        maxBytes=section["file_max_bytes"],
-                        backupCount=section["file_backups"],
-                        encoding="utf-8",
+                if child is not None:
+                    handlers.append(WatchedFileHandler(path, encoding="utf-8"))
+                else:
+                    handlers.append(
+                        RotatingFile(
+                            path,
+                            maxBytes=section["file_max_bytes"],
+                            backupCount=section["file_backups"],
+                            encoding="utf-8",
+                        )
                     )
-                )
             except OSError as exc:
                 file_error = f"{path}: {exc.strerror or exc}"
         for handler in handlers:
             handler.setFormatter(formatter)
+            if child:
+                handler.addFilter(Fields(child))
             root.addHandler(handler)
             _installed.append(handler)
         root.setLevel(section["level"].upper())

@@ -15,6 +15,9 @@ process and file-system figures from psutil. The dict it returns is JSON-able:
          dropped_frames, full, commits, commit_p50_ms, commit_p99_ms (None before the
          first commit), commit_error (None or text), stalled_seconds, recovery_seconds
     subscriber_lag_bytes: {subscriber: bytes}
+    subscribers: {subscriber: {type, pid, restarts, lag_bytes, cpu_seconds, records, batches,
+                  failures, failing, last_error, last_error_time, and what the
+                  subscriber's stats() adds}}
     process: rss_bytes, cpu_percent (since the previous snapshot),
              gc: collections per generation, pause_max_ms, pause_total_ms (gcwatch.py)
     disk: path, free_bytes, total_bytes
@@ -210,6 +213,8 @@ def snapshot(server) -> dict:
         },
         "wal": _wal(server),
         "subscriber_lag_bytes": server.subscriber_lags(),
+        # set by the subscriber manager when there are subscribers
+        "subscribers": getattr(server, "subscriber_status", dict)(),
         "process": _process_figures(),
         "disk": _disk(server.config.data_dir),
     }
@@ -260,6 +265,16 @@ class _Exposition:
 
 def _seconds(ms: float | None) -> float | None:
     return None if ms is None else ms / 1000
+
+
+# fields of a subscriber's status that Prometheus gets: (field, metric, kind, help)
+SUBSCRIBER_FAMILIES = (
+    ("records", "records_total", "counter", "Records handled since its process started."),
+    ("cpu_seconds", "cpu_seconds_total", "counter", "CPU time of its process (user + system)."),
+    ("failures", "failures_total", "counter", "Failed batches or flushes since it started."),
+    ("restarts", "restarts_total", "counter", "Times the daemon restarted its process."),
+    ("failing", "failing", "gauge", "1 while its last attempt failed (last_error in JSON)."),
+)
 
 
 def prometheus(snapshot: dict) -> str:
@@ -356,6 +371,10 @@ def prometheus(snapshot: dict) -> str:
         "Bytes a subscriber is behind the WAL tail.",
         [({"subscriber": n}, lag) for n, lag in s["subscriber_lag_bytes"].items()],
     )
+    subs = s.get("subscribers", {}).items()
+    for field, metric, kind, help_text in SUBSCRIBER_FAMILIES:
+        samples = [({"subscriber": n}, v.get(field)) for n, v in subs]
+        out.family(f"subscriber_{metric}", kind, help_text, samples)
     proc = s["process"]
     out.one("process_rss_bytes", "gauge", "Resident memory.", proc["rss_bytes"])
     out.one("process_cpu_percent", "gauge", "CPU use since the last reading.", proc["cpu_percent"])
@@ -429,6 +448,9 @@ def text(snapshot: dict) -> str:
     lines.append(
         "subscribers  " + (", ".join(f"{n} {_size(b)} behind" for n, b in lags.items()) or "none")
     )
+    for name, sub in s.get("subscribers", {}).items():
+        if sub.get("failing"):
+            lines.append(f"             {name} failing: {sub.get('last_error')}")
     lines.append(f"process      rss {_size(proc['rss_bytes'])}, cpu {cpu}")
     lines.append(
         f"disk         {_size(disk['free_bytes'])} free of {_size(disk['total_bytes'])} "
