@@ -1,4 +1,5 @@
-"""Making file-system changes durable: the one home for directory fsyncs and the like.
+"""Making file-system changes durable: the one home for directory fsyncs, atomic file
+replacement and CRC-checked JSON files.
 
 A new or renamed directory entry survives a power cut only once its directory
 has been fsynced; ext4 in ordered mode usually gets it there anyway, other file
@@ -7,7 +8,10 @@ systems (and ext4 without a journal, common on boards) do not.
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
+import zlib
 from pathlib import Path
 
 
@@ -40,3 +44,57 @@ def make_dirs(path: str | os.PathLike, mode: int = 0o700) -> Path:
             continue
         fsync_dir(directory.parent)
     return path
+
+
+def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data` so that a crash leaves either the old file or the new
+    one, never a mix: a new temp file beside it (never through a planted link, `mode`),
+    fsync, rename over `path`, fsync of the directory."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class ChecksumError(ValueError):
+    """A checked file is torn or damaged: its CRC or its JSON does not hold."""
+
+
+def encode_checked_json(obj: object) -> bytes:
+    """JSON, a newline, the CRC-32 of the JSON as 8 hex digits, a newline: a file a
+    crash or a flipped bit cannot make look valid."""
+    body = json.dumps(obj, separators=(",", ":"), sort_keys=True)
+    return f"{body}\n{zlib.crc32(body.encode()):08x}\n".encode()
+
+
+def decode_checked_json(data: bytes) -> object:
+    """The object in encode_checked_json's layout; ChecksumError if it does not check."""
+    try:
+        body, _, crc = data.decode().rstrip("\n").rpartition("\n")
+        if int(crc, 16) != zlib.crc32(body.encode()):
+            raise ChecksumError("CRC mismatch")
+        return json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        if isinstance(exc, ChecksumError):
+            raise
+        raise ChecksumError(f"damaged ({exc.__class__.__name__})") from None
+
+
+def write_checked_json(path: str | os.PathLike, obj: object) -> None:
+    write_atomic(path, encode_checked_json(obj))
+
+
+def read_checked_json(path: str | os.PathLike) -> object:
+    """OSError if it cannot be read (FileNotFoundError if missing), ChecksumError if bad."""
+    return decode_checked_json(Path(path).read_bytes())
