@@ -38,7 +38,7 @@ from _harness import (
 from _loadlib import count_text, percentile
 from _procfs import children, memory_kib, tcp_counters
 
-from appliance.store.recovery import read_records
+from appliance.store.reader import read_records
 
 FLEET = Path(__file__).resolve().parent / "fleet"
 SET_UP_S = 300.0  # handshakes and pre-building, at most
