@@ -1,5 +1,5 @@
 """Helpers shared by the load generators (scripts/flood, scripts/fleet) and scripts/bench;
-not part of the daemon."""
+not part of the daemon. How a figure is printed is benchkit.report's."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import math
 import os
 import resource
 import socket
+
+from benchkit.report import count_text
 
 from appliance.protocol import crypto
 
@@ -74,11 +76,6 @@ def notify(fd: int | None, word: str) -> None:
         os.write(fd, word.encode() + b"\n")
 
 
-def count_text(mapping: dict[str, int]) -> str:
-    """{code: n} as "code n, code n" (or "none")."""
-    return ", ".join(f"{code} {n}" for code, n in sorted(mapping.items())) or "none"
-
-
 def summary_lines(result: dict) -> list[str]:
     """A flood result (the --json object) as readable lines; bench adds the daemon's."""
     conns = result["connections"]
@@ -133,14 +130,3 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"{result['closed_by_server']} connections closed by the server")
     lines.append(f"flood CPU: {result['flood_cpu_pct']:.0f}% (100% = one core)")
     return lines
-
-
-def rounded(value: object, digits: int = 3) -> object:
-    """`value` with every float rounded, for JSON output."""
-    if isinstance(value, float):
-        return round(value, digits)
-    if isinstance(value, dict):
-        return {k: rounded(v, digits) for k, v in value.items()}
-    if isinstance(value, list):
-        return [rounded(v, digits) for v in value]
-    return value
