@@ -59,6 +59,21 @@ def stats_snapshot(data_dir: Path) -> dict:
         raise BenchError(f"stats snapshot from {data_dir / 'stats.sock'}: {exc}") from None
 
 
+def cli_env(data_dir: Path) -> dict[str, str]:
+    """The environment for `python -m appliance COMMAND` on data_dir: this checkout's code,
+    and no config from the caller's environment."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MODULE_INGEST_DATA_DIR=str(data_dir))
+    env.pop("MODULE_INGEST_CONFIG", None)
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a server to start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # -- the daemon ------------------------------------------------------------------------
 
 
@@ -128,9 +143,7 @@ class Daemon:
         self.log_path = self.workdir / log_name
         listen = self.address if same_port else "127.0.0.1:0"
         env = dict(
-            os.environ,
-            PYTHONPATH=str(ROOT),
-            MODULE_INGEST_DATA_DIR=str(self.data_dir),
+            cli_env(self.data_dir),
             MODULE_INGEST_LISTEN=listen,
             MODULE_INGEST_CONFIG=str(self.config),
         )

@@ -53,6 +53,12 @@ def rounded(value: object, digits: int = 3) -> object:
     return value
 
 
-def emit(result: dict, as_json: bool, summary: Callable[[dict], str], digits: int = 3) -> None:
-    """Print a run's result: one JSON object (floats rounded), or its summary."""
-    print(json.dumps(rounded(result, digits)) if as_json else summary(result))
+def emit(
+    result: dict, as_json: bool, summary: Callable[[dict], str], digits: int | None = 3
+) -> None:
+    """Print a run's result: one JSON object (floats rounded to `digits`, unless None), or
+    its summary."""
+    if as_json:
+        print(json.dumps(result if digits is None else rounded(result, digits)))
+    else:
+        print(summary(result))
