@@ -7,7 +7,9 @@
   recovery.py   recovery: fill, SIGKILL, restart, every ACKed frame checked
   soak.py       soak: full load for minutes, sampled
   harness.py    the daemon on a temp data dir, its stats snapshot, the temp dir's clean-up
-  loadchild.py  a load generator as a child process, and the marks taken while it runs
+  errors.py     BenchError (one line to print) and how a script exits on it or on Ctrl-C
+  loadchild.py  a load generator (its command line) as a child process, and the marks
+                taken while it runs
   procfs.py     /proc and /sys probes: CPU, memory, I/O, the machine's counters
   wal.py        the daemon's WAL seen through its files
   report.py     how a figure, a table and the --json object are printed

@@ -13,7 +13,8 @@ from _loadlib import raise_nofile_limit
 from appliance.protocol.crypto import MAC_ALGORITHMS
 
 from . import fleet, load, recovery, restart, soak
-from .harness import DEFAULT_PYTHON, BenchError
+from .errors import guarded
+from .harness import DEFAULT_PYTHON
 
 DESCRIPTION = """\
 bench: run module-ingest on a temp data dir, load it with scripts/flood or scripts/fleet,
@@ -236,10 +237,4 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    try:
-        return args.run(args)
-    except BenchError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return guarded("bench", lambda: args.run(args))

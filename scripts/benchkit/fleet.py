@@ -12,12 +12,11 @@ split of a phase, the head of the summary) is here too.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-from .harness import CHANNEL, Daemon, bench_daemon, stats_snapshot
-from .loadchild import LoadChild, Mark, watch
+from .harness import Daemon, bench_daemon, stats_snapshot
+from .loadchild import LoadChild, Mark, generator_command, watch
 from .procfs import children, memory_kib
 from .report import P999, count_text, emit, figure, quantiles
 
@@ -26,30 +25,7 @@ SET_UP_S = 300.0  # handshakes and pre-building, at most
 
 
 def fleet_command(daemon: Daemon, args: argparse.Namespace, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        str(FLEET),
-        "--connect",
-        daemon.address,
-        "--identities",
-        str(daemon.identities),
-        "--connections",
-        str(args.connections),
-        "--rate",
-        str(args.rate),
-        "--duration",
-        str(args.duration),
-        "--payload",
-        str(args.payload),
-        "--mac",
-        args.mac,
-        "--channel",
-        str(CHANNEL),
-        "--procs",
-        str(args.procs),
-        "--json",
-        *extra,
-    ]
+    return generator_command(FLEET, daemon, args, "--rate", str(args.rate), *extra)
 
 
 def phase_cpu(a: Mark, b: Mark) -> dict:

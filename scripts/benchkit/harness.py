@@ -27,6 +27,8 @@ from _loadlib import raise_nofile_limit
 from appliance.auth.registry import Registry
 from appliance.protocol.crypto import MAC_ALGORITHMS
 
+from .errors import BenchError
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"  # has the daemon's dependencies (scripts/serve)
 DEFAULT_PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
@@ -38,10 +40,6 @@ STOP_TIMEOUT = 15.0
 STATS_TIMEOUT = 10.0
 CHANNEL = 1
 IDENT_FORMAT = "bench/core-{:05d}"
-
-
-class BenchError(Exception):
-    """A run could not be done; the message is one line."""
 
 
 def stats_snapshot(data_dir: Path) -> dict:

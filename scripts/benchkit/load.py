@@ -32,8 +32,8 @@ from pathlib import Path
 
 from _loadlib import summary_lines
 
-from .harness import CHANNEL, Daemon, bench_daemon, stats_snapshot
-from .loadchild import LoadChild, watch
+from .harness import Daemon, bench_daemon, stats_snapshot
+from .loadchild import LoadChild, generator_command, watch
 from .procfs import block_device, device_bytes_written, memory_kib, proc_io
 from .report import emit, figure, num, table
 from .wal import record_bytes, wal_usage
@@ -46,32 +46,9 @@ MATRIX = (1, 100, 1000)
 
 
 def flood_command(daemon: Daemon, args: argparse.Namespace, *extra: str) -> list[str]:
-    cmd = [
-        sys.executable,
-        str(FLOOD),
-        "--connect",
-        daemon.address,
-        "--identities",
-        str(daemon.identities),
-        "--connections",
-        str(args.connections),
-        "--payload",
-        str(args.payload),
-        "--mac",
-        args.mac,
-        "--channel",
-        str(CHANNEL),
-        "--duration",
-        str(args.duration),
-        "--procs",
-        str(args.procs),
-        "--rate",
-        str(args.rate),
-        "--window",
-        str(args.window),
-        "--json",
-        *extra,
-    ]
+    cmd = generator_command(
+        FLOOD, daemon, args, "--rate", str(args.rate), "--window", str(args.window), *extra
+    )
     if args.frames:
         cmd += ["--frames", str(args.frames)]
     if args.idle:

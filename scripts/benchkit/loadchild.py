@@ -8,6 +8,7 @@ gives the CPU and memory figures over a phase.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -17,9 +18,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
-from .harness import BenchError, Daemon
+from .errors import BenchError
+from .harness import CHANNEL, Daemon
 from .procfs import (
     children,
     cpu_seconds,
@@ -30,6 +33,36 @@ from .procfs import (
 )
 
 RSS_EVERY = 0.25
+
+
+def generator_command(
+    script: Path, daemon: Daemon, args: argparse.Namespace, *options: str
+) -> list[str]:
+    """The command line of a load generator against `daemon`: its identities, the shape
+    every mode gives (connections, payload, MAC, duration, processes), one JSON object out,
+    and the generator's own `options`."""
+    return [
+        sys.executable,
+        str(script),
+        "--connect",
+        daemon.address,
+        "--identities",
+        str(daemon.identities),
+        "--connections",
+        str(args.connections),
+        "--payload",
+        str(args.payload),
+        "--mac",
+        args.mac,
+        "--channel",
+        str(CHANNEL),
+        "--duration",
+        str(args.duration),
+        "--procs",
+        str(args.procs),
+        "--json",
+        *options,
+    ]
 
 
 class LoadChild:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from appliance.store import meta
 
-from .harness import RECOVERED, BenchError, Daemon, bench_daemon, stats_snapshot
+from .errors import BenchError
+from .harness import RECOVERED, Daemon, bench_daemon, stats_snapshot
 from .load import flood_command
 from .loadchild import LoadChild
 from .procfs import free_bytes, machine_busy_seconds, tree_cpu_seconds

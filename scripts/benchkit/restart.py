@@ -17,6 +17,7 @@ from _loadlib import percentile
 
 from appliance.store.recovery import read_records
 
+from .errors import BenchError
 from .fleet import (
     SET_UP_S,
     behind_text,
@@ -26,7 +27,7 @@ from .fleet import (
     latency_text,
     phase_cpu,
 )
-from .harness import RECOVERED, BenchError, Daemon, bench_daemon
+from .harness import RECOVERED, Daemon, bench_daemon
 from .loadchild import LoadChild, mark
 from .procfs import tcp_counters
 from .report import count_text, emit, quantiles

@@ -14,7 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .harness import BenchError, bench_daemon, stats_snapshot
+from .errors import BenchError
+from .harness import bench_daemon, stats_snapshot
 from .load import flood_command
 from .loadchild import LoadChild
 from .procfs import free_bytes, machine_busy_seconds, memory_kib, tree_cpu_seconds
