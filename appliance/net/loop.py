@@ -57,7 +57,7 @@ class Loop:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
 
-    def _on_signal(self, signum, frame) -> None:
+    def _on_signal(self, _signum, _frame) -> None:
         self.stopping = True
 
     def _run_hooks(self, hooks, *args) -> None:
