@@ -87,6 +87,7 @@ class Daemon:
         self.log_path = data_dir.with_suffix(".log")
         self.extra_env: dict[str, str] = {}
         self.command = [sys.executable, "-m", "appliance", "serve"]  # or a test's own runner
+        self.cwd: Path | None = None  # the daemon's working directory (None: the tests')
 
     def start(self) -> Daemon:
         env = dict(
@@ -99,13 +100,7 @@ class Daemon:
         )
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
         offset = log.tell()
-        self.proc = subprocess.Popen(
-            self.command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
+        self.proc = self.spawn(env, log)
         log.close()
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
@@ -119,6 +114,17 @@ class Daemon:
             time.sleep(0.02)
         self.proc.kill()
         raise RuntimeError(f"daemon did not start:\n{self.log()}")
+
+    def spawn(self, env: dict[str, str], log) -> subprocess.Popen:
+        """Start the daemon process with this environment, output to `log`."""
+        return subprocess.Popen(
+            self.command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=self.cwd,
+        )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -72,7 +72,9 @@ class Server(Gate, Loop):
         self.max_payload = srv["max_payload"]
         self.handshake_timeout = srv["handshake_timeout"]
         self.idle_timeout = srv["idle_timeout"]
-        self.recv_bytes = srv["recv_bytes"]
+        # one read must fit in a batch (Store.space), or a small commit_max_bytes would
+        # stop every read for good
+        self.recv_bytes = min(srv["recv_bytes"], store.commit_max_bytes // 2)
         self.max_connections = srv["max_connections"]
         self.admission = Admission(srv["max_handshakes"], srv["max_handshakes_per_source"])
         # pending ring bytes beyond which the loop stops reading (the ring's share of
