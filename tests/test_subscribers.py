@@ -26,7 +26,9 @@ def tapped(d, name="tap") -> list[dict]:
     path = d.data_dir / "subscribers" / name / "records.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    text = path.read_text()
+    complete = text[: text.rfind("\n") + 1]  # the tap may be writing the last line right now
+    return [json.loads(line) for line in complete.splitlines()]
 
 
 def stream(d, seqs_from: int, count: int, channel: int = 1) -> None:
