@@ -113,6 +113,7 @@ class Server(Gate, Loop):
         self.handle_signals()
         poll = self.epoll.poll
         poll_control = self.control.poll
+        control_fd = self.control.fileno()
         conns = self.conns
         tags = self._tags
         store = self.store
@@ -130,12 +131,17 @@ class Server(Gate, Loop):
                 timeout = due - self.now
             events = poll(max(timeout, 0.0), MAX_EVENTS)
             self.now = now = monotonic()
-            for fd, mask in poll_control(0):
-                self._on_control(tags.get(fd), mask)
+            if len(events) == MAX_EVENTS:
+                # busy: the control epoll may be behind thousands of ready sockets
+                for fd, mask in poll_control(0):
+                    self._on_control(tags.get(fd), mask)
             for fd, mask in events:
                 conn = conns.get(fd)
                 if conn is None:
-                    continue  # the control epoll, or a connection closed meanwhile
+                    if fd == control_fd:  # not busy: this poll returned all that is ready
+                        for cfd, cmask in poll_control(0):
+                            self._on_control(tags.get(cfd), cmask)
+                    continue  # or a connection closed meanwhile
                 try:
                     if mask & EPOLLOUT:
                         if conn.phase is Phase.TLS:
