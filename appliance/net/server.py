@@ -45,6 +45,7 @@ log = logging.getLogger("appliance.net")
 TICK = 0.25  # registry changes, extension hooks and accept retries are looked at this often
 STOP_GRACE = 1.5  # on SIGTERM: time allowed to commit and ACK before closing anyway
 MAX_EVENTS = 64  # connections per poll: a burst of reads is cut into short iterations
+SLICE = 0.002  # within an iteration, the writer and the control fds are served this often
 # failed handshakes and connections closed before they authenticated: a peer decides how
 # many there are, so they are logged at most once a second, with a count
 UNPROVEN_LOG_EVERY = 1.0
@@ -113,6 +114,7 @@ class Server(Gate, Loop):
         self.handle_signals()
         poll = self.epoll.poll
         poll_control = self.control.poll
+        control_fd = self.control.fileno()
         conns = self.conns
         tags = self._tags
         store = self.store
@@ -130,12 +132,17 @@ class Server(Gate, Loop):
                 timeout = due - self.now
             events = poll(max(timeout, 0.0), MAX_EVENTS)
             self.now = now = monotonic()
-            for fd, mask in poll_control(0):
-                self._on_control(tags.get(fd), mask)
+            if len(events) == MAX_EVENTS:
+                # busy: the control epoll may be behind thousands of ready sockets
+                for fd, mask in poll_control(0):
+                    self._on_control(tags.get(fd), mask)
             for fd, mask in events:
                 conn = conns.get(fd)
                 if conn is None:
-                    continue  # the control epoll, or a connection closed meanwhile
+                    if fd == control_fd:  # not busy: this poll returned all that is ready
+                        for cfd, cmask in poll_control(0):
+                            self._on_control(tags.get(cfd), cmask)
+                    continue  # or a connection closed meanwhile
                 try:
                     if mask & EPOLLOUT:
                         if conn.phase is Phase.TLS:
@@ -152,6 +159,13 @@ class Server(Gate, Loop):
                         printable_ident(conn.identity),
                     )
                     self._close(conn)
+                if monotonic() - now > SLICE:
+                    # long reads (a pipelined blast): let the writer start on what gathered,
+                    # and hear its replies, before the rest of this iteration's reads
+                    self.now = now = monotonic()
+                    store.submit(now)
+                    for cfd, cmask in poll_control(0):
+                        self._on_control(tags.get(cfd), cmask)
             store.submit(now)
             for conn in deadlines.due(now):
                 self._on_deadline(conn)

@@ -14,8 +14,9 @@ takes the next, so a reply always belongs to the last batch sent.
 
 Messages are marshal'd tuples over a SOCK_SEQPACKET socketpair:
 
-    loop -> writer   ("m", {identity: seq})          marks of the next batch (chunked)
-                     ("c", start, end, switches, frames)   commit ring[start:end)
+    loop -> writer   ("m", {identity: seq})          marks of the next batch, when many
+                     ("c", start, end, switches, frames, {identity: seq})
+                                                      commit ring[start:end), its marks
                      ("s",)                           stop: retention, checkpoint, exit
     writer -> loop   ("o", error)                     open: the segment is ready (error None)
                      ("d", end, segment, offset, seconds)  durable up to end
@@ -39,6 +40,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -179,12 +181,19 @@ class Writer:
         self._housekeeping(force=True)
 
     def run(self) -> None:
+        # a blocking recv that gives up after HOUSEKEEPING_INTERVAL: one system call per
+        # message instead of a select and a recv
+        seconds = int(HOUSEKEEPING_INTERVAL)
+        micros = int((HOUSEKEEPING_INTERVAL - seconds) * 1e6)
+        self.sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros)
+        )
         while True:
-            ready, _, _ = select.select([self.sock], [], [], HOUSEKEEPING_INTERVAL)
-            if not ready:
+            try:
+                data = self.sock.recv(MESSAGE_MAX)
+            except BlockingIOError:  # the timeout: nothing came
                 self._housekeeping()
                 continue
-            data = self.sock.recv(MESSAGE_MAX)
             if not data:
                 return  # the daemon is gone
             message = marshal.loads(data)
@@ -192,7 +201,8 @@ class Writer:
             if kind == "m":
                 self.marks.update(message[1])
             elif kind == "c":
-                if not self._commit(*message[1:]):
+                self.marks.update(message[5])
+                if not self._commit(*message[1:5]):
                     return
                 self._housekeeping()
             elif kind == "s":
