@@ -17,9 +17,11 @@ from appliance.client import Client, ClientError
 from appliance.config import ConfigError, parse_address
 from appliance.config import load as load_config
 from appliance.durable import fsync_dir
+from appliance.errors import ToolError
 from appliance.protocol.crypto import DEFAULT_MACS, MAC_ALGORITHMS, token_to_secret
-from appliance.store import tools
+from appliance.store import recover_dump, worker
 from appliance.store.reader import read_records
+from appliance.store.segment import json_line, record_json
 from appliance.subscribers import export_cli, query_cli, runner
 from appliance.telemetry import stats_cli
 from hw import fingerprint
@@ -265,7 +267,7 @@ def cmd_dump(args, config) -> int:
             continue
         if args.since_seq is not None and rec.seq < args.since_seq:
             continue
-        out.write(json.dumps(tools.record_json(rec)) + "\n")
+        out.write(json_line(record_json(rec)))
     out.flush()
     return 0
 
@@ -353,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since-seq", type=int, help="only frames with seq >= N")
     p.set_defaults(func=cmd_dump)
     stats_cli.add_parser(sub)
-    tools.add_parsers(sub)
+    recover_dump.add_parser(sub)
+    worker.add_parser(sub)
     fingerprint.add_parser(sub)
     runner.add_parser(sub)
     export_cli.add_parser(sub)
@@ -369,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         return args.func(args, config)
-    except (ConfigError, RegistryError, CliError, tools.ToolError) as exc:
+    except (ConfigError, RegistryError, CliError, ToolError) as exc:
         print(f"module-ingest: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:

@@ -1,10 +1,9 @@
-"""store/tools.py: recover-dump and worker on real segment files, a real daemon and real
-processes. The handlers are called as the CLI will call them: through an argparse built
-with `add_parsers`, in this process or in a `python -c` child."""
+"""recover-dump and worker (store/recover_dump.py, store/worker.py) on real segment
+files, a real daemon and real processes: through the CLI's own parser in this process,
+or as `python -m appliance` in a child."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -18,43 +17,25 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, Daemon, cli, wait_for
 
+from appliance.cli import build_parser
 from appliance.client import Client
 from appliance.config import load as load_config
+from appliance.errors import ToolError
 from appliance.store import meta
 from appliance.store.reader import read_records
 from appliance.store.segment import BLOCK, DATA_START, list_segments, segment_name
-from appliance.store.tools import ToolError, add_parsers
 
 DEV = "dev/core-0"
 STORE_CONFIG = "[storage]\nsegment_bytes = 1048576\n"
 BATCHES = 6  # commits in the stocked store, each block-aligned
 PER_BATCH = 12
 
-# What cli.main will do with the lead's wiring, in a separate process.
-TOOL_SCRIPT = """
-import argparse, logging, sys
-from appliance.config import load
-from appliance.store import tools
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-parser = argparse.ArgumentParser(prog="module-ingest")
-tools.add_parsers(parser.add_subparsers(dest="command", required=True))
-args = parser.parse_args(sys.argv[1:])
-try:
-    sys.exit(args.func(args, load()))
-except tools.ToolError as exc:
-    print(f"module-ingest: {exc}", file=sys.stderr)
-    sys.exit(2)
-"""
-
-
 # -- helpers ---------------------------------------------------------------------------
 
 
 def run(capsys, data_dir: Path, *argv: str) -> tuple[int, list[dict], str]:
     """Parse and run one tool command in this process; (exit code, stdout JSON lines, stderr)."""
-    parser = argparse.ArgumentParser(prog="module-ingest")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([str(a) for a in argv])
+    args = build_parser().parse_args([str(a) for a in argv])
     config = load_config(environ={"MODULE_INGEST_DATA_DIR": str(data_dir)})
     capsys.readouterr()
     try:
@@ -70,7 +51,7 @@ def tool_process(data_dir: Path, *argv: str, **popen) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), MODULE_INGEST_DATA_DIR=str(data_dir))
     env.pop("MODULE_INGEST_CONFIG", None)
     return subprocess.Popen(
-        [sys.executable, "-c", TOOL_SCRIPT, *map(str, argv)],
+        [sys.executable, "-m", "appliance", *map(str, argv)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

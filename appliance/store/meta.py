@@ -90,3 +90,33 @@ def list_cursors(directory: Path) -> dict[str, tuple[int, int] | None]:
         if CURSOR_NAME.fullmatch(name):
             out[name] = read_cursor(directory, name)
     return out
+
+
+def _is_position(value) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    )
+
+
+def field_problems(obj: dict, path: Path, is_cursor: bool) -> list[str]:
+    """What is wrong with the fields of a meta file's object (recover-dump says it)."""
+    problems = []
+    if obj.get("version") != 1:
+        problems.append(f"version is {obj.get('version')!r}, not 1")
+    if is_cursor:
+        if not _is_position(obj.get("position")):
+            problems.append("position is not [segment, offset]")
+        name = path.name.removesuffix(CURSOR_SUFFIX)
+        if path.name.endswith(CURSOR_SUFFIX) and obj.get("name") != name:
+            problems.append(f"name is {obj.get('name')!r}, the file says {name!r}")
+        return problems
+    if not _is_position(obj.get("checkpoint")):
+        problems.append("checkpoint is not [segment, offset]")
+    if not isinstance(obj.get("frames"), int):
+        problems.append("frames is not a number")
+    last_seq = obj.get("last_seq")
+    if not isinstance(last_seq, dict) or not all(isinstance(v, int) for v in last_seq.values()):
+        problems.append("last_seq is not {identity: seq}")
+    return problems

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import struct
 import zlib
 from collections.abc import Iterator
@@ -182,3 +184,22 @@ def scan(
                 return
             pos += 8 + length
     yield ScanEnd(min(pos, end), "end of file", True)
+
+
+# -- records as JSON (dump, recover-dump, worker, export) --------------------------------
+
+
+def record_json(rec: Record) -> dict:
+    """A record with the keys of `dump`."""
+    return {
+        "id": rec.identity,
+        "channel": rec.channel,
+        "seq": rec.seq,
+        "ts_ns": rec.ts_ns,
+        "recv_ns": rec.recv_ns,
+        "payload_b64": base64.b64encode(rec.payload).decode(),
+    }
+
+
+def json_line(obj: dict) -> str:
+    return json.dumps(obj) + "\n"

@@ -34,7 +34,8 @@ import json
 import sys
 from pathlib import Path
 
-from appliance.store.tools import ToolError, record_json
+from appliance.errors import ToolError
+from appliance.store.segment import record_json
 from appliance.subscribers.archive.format import ARCHIVE_DIR, STATE_FILE
 from appliance.subscribers.archive.reader import read_archive
 from appliance.subscribers.timeargs import channel_arg, time_arg

@@ -37,10 +37,11 @@ from appliance.config import (
     parse_address,
 )
 from appliance.durable import make_dirs
+from appliance.errors import ToolError
 from appliance.store import wal_dir
+from appliance.store.consumer import cursor_lock, stop_on_signals
 from appliance.store.cursor import Cursor
 from appliance.store.segment import Record, segment_name
-from appliance.store.tools import ToolError, cursor_lock, stop_on_signals
 from appliance.subscribers.backoff import Backoff
 from appliance.subscribers.base import ENTRY_POINT_GROUP, Context, Subscriber
 from appliance.subscribers.reader import LogReader

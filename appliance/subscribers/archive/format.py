@@ -33,7 +33,7 @@ CHANNEL_DIR_RE = re.compile(r"ch-(\d{5})")
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One archived frame (the attributes `tools.record_json` reads)."""
+    """One archived frame (the attributes `segment.record_json` reads)."""
 
     identity: str
     channel: int
