@@ -35,10 +35,11 @@ from _harness import (
     stats_snapshot,
     watch,
 )
-from _loadlib import count_text, percentile
+from _loadlib import count_text
 from _procfs import children, memory_kib, tcp_counters
 
 from appliance.store.recovery import read_records
+from appliance.telemetry.figures import percentile
 
 FLEET = Path(__file__).resolve().parent / "fleet"
 SET_UP_S = 300.0  # handshakes and pre-building, at most

@@ -33,6 +33,7 @@ from appliance.config import load
 from appliance.net.server import Server
 from appliance.store.wal import Store
 from appliance.telemetry import endpoint, logs, metrics, stats_cli
+from appliance.telemetry.figures import duration, percentile
 from appliance.telemetry.logs import BufferHandler, LogBuffer, StructuredFormatter
 from appliance.telemetry.metrics import RateMeter
 
@@ -375,11 +376,22 @@ def test_rate_meter_history_is_bounded():
 
 
 def test_percentile_is_nearest_rank():
-    assert metrics.percentile([], 50) is None
-    assert metrics.percentile([1.0], 99) == 1.0
+    assert percentile([], 50) is None
+    assert percentile([1.0], 99) == 1.0
     values = [float(i) for i in range(1, 101)]
-    assert metrics.percentile(values, 50) == 50.0
-    assert metrics.percentile(values, 99) == 99.0
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    # always one of the values, never an interpolation between two
+    assert percentile([1.0, 2.0], 50) == 1.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 99) == 4.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 100) == 4.0
+
+
+def test_duration_is_hours_minutes_seconds_with_days_in_front():
+    assert duration(0) == "00:00:00"
+    assert duration(62.9) == "00:01:02"
+    assert duration(86399) == "23:59:59"
+    assert duration(2 * 86400 + 3 * 3600 + 4 * 60 + 5) == "2d 03:04:05"
 
 
 WEIRD = 'we"ird\\id\nnext'

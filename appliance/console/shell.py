@@ -36,6 +36,7 @@ from appliance import __version__
 from appliance.auth.registry import Identity, Registry, format_channels
 from appliance.protocol import crypto
 from appliance.store.segment import list_segments
+from appliance.telemetry.figures import duration
 
 if TYPE_CHECKING:
     from appliance.net.server import Server
@@ -496,13 +497,6 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     return lines
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    days, rest = divmod(seconds, 86400)
-    text = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    return f"{days}d {text}" if days else text
-
-
 def _address(addr: object) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         host, port = addr[0], addr[1]
@@ -526,7 +520,7 @@ def context_for(
 
     def status() -> list[tuple[str, object]]:
         return [
-            ("uptime", _duration(time.monotonic() - server.started)),
+            ("uptime", duration(time.monotonic() - server.started)),
             ("connections", f"{len(server.conns)} ({len(server.by_identity)} authenticated)"),
             ("frames", f"{server.counters['frames']} received since start"),
             ("pending bytes", store.pending_bytes()),

@@ -66,6 +66,7 @@ from typing import Any
 from appliance.config import REQUIRED, ConfigError, OptionError
 from appliance.store.segment import Record
 from appliance.subscribers.base import Context, Subscriber
+from appliance.telemetry.figures import percentile
 
 log = logging.getLogger("appliance.subscribers.inference")
 
@@ -277,20 +278,15 @@ class Windows:
         return cls((int(seg), int(off)), pending)
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
-    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[index]
-
-
 def latency_summary(latencies_ms) -> dict[str, float]:
     values = sorted(latencies_ms)
+    if not values:
+        return {"windows": 0, "p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
     return {
         "windows": len(values),
-        "p50_ms": round(_percentile(values, 0.50), 4),
-        "p99_ms": round(_percentile(values, 0.99), 4),
-        "max_ms": round(values[-1], 4) if values else 0.0,
+        "p50_ms": round(percentile(values, 50), 4),
+        "p99_ms": round(percentile(values, 99), 4),
+        "max_ms": round(values[-1], 4),
     }
 
 

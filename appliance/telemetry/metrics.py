@@ -36,6 +36,7 @@ import psutil
 
 from appliance import __version__
 from appliance.telemetry import gcwatch
+from appliance.telemetry.figures import duration, percentile
 
 RATE_WINDOW = 5.0  # seconds of history behind `rate`
 RATE_SAMPLES = 64  # bound on that history (the loop samples every 0.25 s)
@@ -93,14 +94,6 @@ def _proc() -> psutil.Process:
     if _process is None or _process.pid != os.getpid():
         _process = psutil.Process()
     return _process
-
-
-def percentile(values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile of sorted `values`; None when empty."""
-    if not values:
-        return None
-    rank = max(1, math.ceil(p / 100 * len(values)))
-    return values[rank - 1]
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -400,15 +393,6 @@ def _size(n: int | None) -> str:
     return f"{value:.1f} TiB"
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    days, seconds = divmod(seconds, 86400)
-    hours, seconds = divmod(seconds, 3600)
-    minutes, seconds = divmod(seconds, 60)
-    text = f"{hours:d}h{minutes:02d}m{seconds:02d}s"
-    return f"{days}d{text}" if days else text
-
-
 def _codes(counts: dict[str, int]) -> str:
     return " ".join(f"{c}={n}" for c, n in counts.items()) or "none"
 
@@ -425,7 +409,7 @@ def text(snapshot: dict) -> str:
     cpu = "?" if proc["cpu_percent"] is None else f"{proc['cpu_percent']:.1f}%"
     lines = [
         f"module-ingest {s['version']} (board {s['board']}, pid {s['pid']}), "
-        f"up {_duration(s['uptime_seconds'])}",
+        f"up {duration(s['uptime_seconds'])}",
         f"frames       {s['frames']} stored, {_size(s['bytes_in'])} in, "
         f"{s['rate']:.1f} frames/s, {s['replays']} replays refused",
         f"connections  {c['open']} open, {c['authenticated']} authenticated, "
