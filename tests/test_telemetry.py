@@ -1,9 +1,8 @@
 """Telemetry: log formatting, the log buffer, metrics renderings, and the stats endpoint.
 
 The unit tests use real loggers, a real Store and a real (unbound) Server. The
-end-to-end test starts a daemon wired the way appliance.app.serve wires it plus
-the telemetry (logs.setup, endpoint.install), streams frames with the client
-library, and reads the stats socket through stats_cli.
+end-to-end test starts the daemon (`module-ingest serve`), streams frames with the
+client library, and reads the stats socket through stats_cli.
 """
 
 from __future__ import annotations
@@ -24,14 +23,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, wait_for
+from conftest import ROOT, NotifySocket, listen_address, notify_env, wait_for
 
-from appliance import __version__
-from appliance.auth.registry import Registry
+from appliance import __version__, app
 from appliance.client import Client
 from appliance.config import load
-from appliance.net.server import Server
-from appliance.store.wal import Store
 from appliance.telemetry import endpoint, logs, metrics, stats_cli
 from appliance.telemetry.figures import duration, percentile
 from appliance.telemetry.logs import BufferHandler, LogBuffer, StructuredFormatter
@@ -399,36 +395,38 @@ WEIRD = 'we"ird\\id\nnext'
 
 @pytest.fixture
 def server(tmp_path):
-    """A real Server on a real Store, not bound: the loop never runs."""
-    config = load(environ={"MODULE_INGEST_DATA_DIR": str(tmp_path / "data")})
+    """A real Server on a real Store, as the daemon assembles them, not bound: the loop
+    never runs."""
+    config_path = tmp_path / "config.toml"
+    config_path.write_text(
+        "[storage]\nsegment_bytes = 1048576\nring_bytes = 1048576\n[auth]\ndev_identity = false\n"
+    )
+    config = load(config_path, environ={"MODULE_INGEST_DATA_DIR": str(tmp_path / "data")})
     config.data_dir.mkdir()
-    registry = Registry(config.data_dir / "identities.json")
-    registry.load()
-    store = Store(config.data_dir / "wal", segment_bytes=1 << 20, ring_bytes=1 << 20)
-    store.open()
-    server = Server(config, registry, store)
-    yield server
-    store.close()
-    server.control.close()
-    server.epoll.close()
+    daemon = app.assemble(config)
+    yield daemon.server
+    daemon.close()
+
+
+def figures(server) -> metrics.Metrics:
+    return metrics.Metrics(server, server.config)
 
 
 def test_snapshot_reads_the_server_and_store(server):
     store = server.store
-    assert metrics.snapshot(server)["wal"]["commit_p50_ms"] is None  # no commit yet
+    stats = figures(server)
+    assert stats.snapshot()["wal"]["commit_p50_ms"] is None  # no commit yet
     # recent commit times as the committer records them: 98 fast ones, two slow ones
     store.commit_seconds.extend([0.002] * 98 + [0.050, 0.080])
     server.counters.update({"frames": 3, "bytes_in": 400, "replays": 2, "connections": 1})
     server.counters.update({"nack.DENIED": 1, "nack.BUSY": 2, "error.TIMEOUT": 1})
     server.frames_by_identity.update({DEV: 3, WEIRD: 0})
-    meter = metrics.install_rate_meter(server)
-    assert metrics.install_rate_meter(server) is meter  # once per server
-    (hook,) = server.sweep_hooks
+    (hook,) = server.sweep_hooks  # the frame-rate meter's
     hook(10.0)
     server.counters["frames"] += 50
     hook(10.5)
 
-    snap = metrics.snapshot(server)
+    snap = stats.snapshot()
     json.dumps(snap)  # JSON-able
     assert snap["version"] == __version__
     assert snap["board"] == server.config.values["board"]["profile"]
@@ -464,7 +462,7 @@ def test_snapshot_reads_the_server_and_store(server):
 def test_prometheus_output_parses_and_escapes_labels(server):
     server.counters.update({"frames": 3, "nack.DENIED": 1, "error.AUTH_FAILED": 4})
     server.frames_by_identity.update({DEV: 3, WEIRD: 1})
-    snap = metrics.snapshot(server)
+    snap = figures(server).snapshot()
     text = metrics.prometheus(snap)
     families = parse_prometheus(text)
     assert value(families, "frames_total") == 3
@@ -483,7 +481,7 @@ def test_prometheus_output_parses_and_escapes_labels(server):
 
 
 def test_prometheus_writes_special_floats_and_subscriber_lags(server):
-    snap = metrics.snapshot(server)
+    snap = figures(server).snapshot()
     snap["subscriber_lag_bytes"] = {"archive": 10, "up\nload": 0}
     snap["rate"] = float("nan")
     snap["uptime_seconds"] = float("inf")
@@ -496,7 +494,7 @@ def test_prometheus_writes_special_floats_and_subscriber_lags(server):
 def test_text_summary_names_the_figures(server):
     server.counters.update({"frames": 12, "nack.DENIED": 1})
     server.frames_by_identity.update({f"core-{i}": i for i in range(25)})
-    text = metrics.text(metrics.snapshot(server))
+    text = figures(server).text()
     assert text.startswith(f"module-ingest {__version__} (board ")
     assert "12 stored" in text and "DENIED=1" in text and "subscribers  none" in text
     assert "core-24" in text and "core-0 " not in text and "... and 5 more" in text
@@ -533,33 +531,7 @@ def test_stats_without_a_daemon_is_one_line_and_exit_1(tmp_path, capsys):
     assert err.count("\n") == 1
 
 
-# -- end to end: a daemon with telemetry wired in -------------------------------------------
-
-DAEMON = """
-import logging
-
-from appliance import app
-from appliance.auth.registry import Registry
-from appliance.config import load
-from appliance.net.server import Server
-from appliance.telemetry import endpoint, logs
-
-config = load()
-logs.setup(config)
-app.raise_fd_limit()
-app.ensure_data_dir(config.data_dir)
-registry = Registry(app.registry_path(config.data_dir))
-registry.load()
-app.ensure_dev_identity(config, registry)
-store = app.open_store(config)
-server = Server(config, registry, store)
-addresses = server.bind()
-endpoint.install(server, config)
-logging.getLogger("appliance").info(
-    "listening on %s", ", ".join(f"{h}:{p}" for h, p in addresses)
-)
-server.run()
-"""
+# -- end to end: the daemon --------------------------------------------------------------
 
 # what `module-ingest stats ...` will run once the CLI has the subcommand
 STATS_MAIN = """
@@ -591,11 +563,13 @@ tcp = "127.0.0.1:0"
 
 
 class TelemetryDaemon:
+    """`module-ingest serve` with its stdout and stderr apart (the log must be JSON lines
+    only, and stderr empty)."""
+
     def __init__(self, tmp_path: Path) -> None:
         self.data = tmp_path / "data"
         self.data.mkdir(mode=0o700)
-        self.script = tmp_path / "daemon.py"
-        self.script.write_text(DAEMON)
+        self.notify = NotifySocket(tmp_path / "notify.sock")
         self.config_path = tmp_path / "config.toml"
         self.config_path.write_text(CONFIG)
         self.stdout = tmp_path / "stdout"
@@ -606,7 +580,7 @@ class TelemetryDaemon:
 
     def env(self) -> dict[str, str]:
         return dict(
-            os.environ,
+            notify_env(self.notify.path),
             PYTHONPATH=str(ROOT),
             MODULE_INGEST_DATA_DIR=str(self.data),
             MODULE_INGEST_LISTEN="127.0.0.1:0",
@@ -617,13 +591,15 @@ class TelemetryDaemon:
         env = self.env()
         with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, str(self.script)],
+                [sys.executable, "-m", "appliance", "serve"],
                 stdout=out,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
                 env=env,
             )
-        self.port = int(self.logged(r"^listening on 127\.0\.0\.1:(\d+)$"))
+        ready = self.notify.wait_ready(self.proc)
+        assert ready is not None, self.stderr.read_text()
+        self.port = listen_address(ready)[1]
         self.tcp_port = int(self.logged(r"^stats: serving on .* and 127\.0\.0\.1:(\d+)$"))
 
     def log_objects(self) -> list[dict]:
@@ -661,6 +637,7 @@ class TelemetryDaemon:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self.notify.close()
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
+from types import MappingProxyType
 
 from appliance.auth.handshake import authenticate
 from appliance.auth.registry import Registry, RegistryError
@@ -35,6 +36,7 @@ from appliance.config import Config
 from appliance.net import sockets
 from appliance.net.admission import Admission
 from appliance.net.connection import LINGER, READING, Connection, Pause, Phase
+from appliance.net.snapshot import Identities, Peer, Snapshot, StoreFigures
 from appliance.protocol import crypto
 from appliance.protocol.frames import ErrorCode, encode_ack
 from appliance.protocol.session import BYE, CLOSED, DATA, HELLO, ServerSession
@@ -109,7 +111,6 @@ class Server:
         self.now = self.started  # the loop's clock, read once per iteration
         # extension points for telemetry, the console and the watchdog: they run in this loop
         self.sweep_hooks: list[Callable[[float], None]] = []
-        self.subscriber_lags: Callable[[], dict[str, int]] = dict  # set by the subscriber manager
         self.stop_hooks: list[Callable[[], None]] = []
         self.stopping = False
         self.exit_code = 0
@@ -278,6 +279,39 @@ class Server:
         """Apply registry changes now (revocations close their connections)."""
         self._reload_registry()
 
+    def snapshot(self, *, identities: bool = False) -> Snapshot:
+        """The loop's figures, frozen; with `identities`, one row per identity too."""
+        now = time.monotonic()
+        rows = None
+        if identities:
+            stored = MappingProxyType(dict(self.frames_by_identity))
+            rows = Identities(stored, frozenset(self.by_identity))
+        return Snapshot(
+            uptime_seconds=now - self.started,
+            counters=MappingProxyType(Counter(self.counters)),  # a missing key reads 0
+            connections=len(self.conns),
+            authenticated=len(self.by_identity),
+            paused=len(self.paused),
+            pause_bytes=self.pause_bytes,
+            stopping=self.stopping,
+            store=StoreFigures.of(self.store, now),
+            identities=rows,
+        )
+
+    def clients(self) -> list[Peer]:
+        """Every connection: its identity (None before HELLO), address and MAC algorithm."""
+        return [
+            Peer(conn.identity, conn.addr, conn.session.mac_algorithm)
+            for conn in self.conns.values()
+        ]
+
+    def close(self) -> None:
+        """Let go of the loop's own descriptors: the end of run(), or a server never run."""
+        self.control.close()
+        self.epoll.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
     def _begin_stop(self) -> float:
         log.info("stop: no longer accepting; committing and acknowledging")
         self._set_accepting(False)
@@ -296,10 +330,7 @@ class Server:
                 conn.write(b"")
             self._close(conn)
         self.store.close()
-        self.control.close()
-        self.epoll.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self.close()
         log.info("stop: done")
 
     # -- acknowledgements -------------------------------------------------------
