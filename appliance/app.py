@@ -1,22 +1,24 @@
-"""Wiring and lifecycle of the daemon: data dir, identities, store, loop."""
+"""Wiring and lifecycle of the daemon: data dir, identities, store, loop, extensions.
+
+`build(config)` makes the daemon `module-ingest serve` runs (`.run()`); the tests'
+daemons come from it too. `assemble(config)` is its core alone, for tests in process.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import resource
 import stat
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.auth.registry import Registry
 from appliance.config import Config, ConfigError
 from appliance.console.serial_port import install as install_console
-from appliance.durable import fsync_dir, make_dirs
+from appliance.durable import make_dirs, write_atomic
 from appliance.net.server import Server
 from appliance.store import wal_dir
 from appliance.store.wal import Store
@@ -51,23 +53,6 @@ def ensure_data_dir(data_dir: Path) -> None:
         ) from None
 
 
-def write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read, atomically and durably. mkstemp creates the
-    temp file 0600 and exclusively, so no planted file or symlink is written through."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
 def ensure_dev_identity(config: Config, registry: Registry, out=sys.stdout) -> None:
     """On first start, create dev/core-0 and print its token once."""
     if not config.auth["dev_identity"] or registry.get(DEV_IDENTITY) is not None:
@@ -80,7 +65,7 @@ def ensure_dev_identity(config: Config, registry: Registry, out=sys.stdout) -> N
         "channels": list(DEV_CHANNELS),
     }
     path = config.data_dir / "dev-credentials.json"
-    write_private(path, json.dumps(creds, indent=2) + "\n")
+    write_atomic(path, (json.dumps(creds, indent=2) + "\n").encode())  # 0600
     print(
         f"development identity created: id {DEV_IDENTITY} token {token} (saved in {path})",
         file=out,

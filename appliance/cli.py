@@ -11,7 +11,8 @@ import sys
 
 from appliance import __version__, app
 from appliance.auth import provisioning
-from appliance.auth.registry import KINDS, Registry, RegistryError, parse_channels
+from appliance.auth.identity import KINDS, parse_channels
+from appliance.auth.registry import Registry, RegistryError
 from appliance.client import Client, ClientError
 from appliance.config import ConfigError, parse_address
 from appliance.config import load as load_config

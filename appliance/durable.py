@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -46,10 +47,16 @@ def make_dirs(path: str | os.PathLike, mode: int = 0o700) -> Path:
     return path
 
 
-def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> None:
+def write_atomic(
+    path: str | os.PathLike,
+    data: bytes,
+    mode: int = 0o600,
+    prepare: Callable[[int], None] | None = None,
+) -> os.stat_result:
     """Replace `path` with `data` so that a crash leaves either the old file or the new
     one, never a mix: a new temp file beside it (never through a planted link, `mode`),
-    fsync, rename over `path`, fsync of the directory."""
+    fsync, rename over `path`, fsync of the directory. `prepare(fd)` may adjust the new
+    file before its fsync. Returns the new file's stat."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -57,7 +64,10 @@ def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> Non
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
+        if prepare is not None:
+            prepare(fd)
         os.fsync(fd)
+        info = os.fstat(fd)
     except BaseException:
         os.close(fd)
         os.unlink(tmp)
@@ -65,6 +75,7 @@ def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> Non
     os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+    return info
 
 
 class ChecksumError(ValueError):

@@ -157,6 +157,7 @@ class Daemon:
         self.log_path = data_dir.with_suffix(".log")
         self.extra_env: dict[str, str] = {}
         self.command = [sys.executable, "-m", "appliance", "serve"]  # or a test's own runner
+        self.cwd: Path | None = None  # the daemon's working directory (None: the tests')
         self.notify: NotifySocket | None = None
         self.ready: dict[str, str] = {}  # the last start's READY=1 message
 
@@ -173,13 +174,7 @@ class Daemon:
         )
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
         offset = log.tell()
-        self.proc = subprocess.Popen(
-            self.command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
+        self.proc = self.spawn(env, log)
         log.close()
         ready = self.notify.wait_ready(self.proc)
         if ready is not None:
@@ -191,6 +186,17 @@ class Daemon:
             raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{text}")
         self.proc.kill()
         raise RuntimeError(f"daemon did not start:\n{self.log()}")
+
+    def spawn(self, env: dict[str, str], log) -> subprocess.Popen:
+        """Start the daemon process with this environment, output to `log`."""
+        return subprocess.Popen(
+            self.command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=self.cwd,
+        )
 
     def _close_notify(self) -> None:
         if self.notify is not None:

@@ -29,7 +29,8 @@ class CountingClient(Client):
 
 class Streamer(threading.Thread):
     """One core sending DATA until stopped (as fast as it can, or `rate` frames/s in bursts
-    of 10), with random payloads of up to `max_payload` bytes; remembers what it sent."""
+    of 10), with random payloads of up to `max_payload` bytes (or all of `payload_size`
+    bytes, like a sensor's fixed-size frames); remembers what it sent."""
 
     def __init__(
         self,
@@ -41,6 +42,7 @@ class Streamer(threading.Thread):
         *,
         timeout: float,
         max_payload: int = 300,
+        payload_size: int | None = None,
         rate: float | None = None,
     ) -> None:
         super().__init__(name=f"streamer-{ident}", daemon=True)
@@ -53,6 +55,7 @@ class Streamer(threading.Thread):
         self.channels = channels
         self.rng = random.Random(seed)
         self.max_payload = max_payload
+        self.payload_size = payload_size
         self.rate = rate
         self.lock = threading.Lock()
         self.sent: dict[int, tuple[int, int, bytes]] = {}  # seq -> (channel, ts_ns, payload)
@@ -75,8 +78,10 @@ class Streamer(threading.Thread):
                 for _ in range(10):
                     n += 1
                     channel = rng.choice(self.channels)
-                    size = rng.randrange(self.max_payload)
+                    size = self.payload_size or rng.randrange(self.max_payload)
                     payload = f"{self.core}#{n}#".encode() + rng.randbytes(size)
+                    if self.payload_size:
+                        payload = payload[:size]
                     ts_ns = time.time_ns()
                     # noted before send(): it may block reconnecting, and the daemon may
                     # store and ACK the frame before send() returns

@@ -13,7 +13,8 @@ import pytest
 
 from appliance.auth import registry as registry_module
 from appliance.auth.handshake import authenticate
-from appliance.auth.registry import KINDS, Identity, Registry, RegistryError, parse_channels
+from appliance.auth.identity import KINDS, Identity, RegistryError, parse_channels
+from appliance.auth.registry import Registry
 from appliance.protocol import crypto
 from appliance.protocol.session import parse_hello
 
@@ -651,9 +652,9 @@ def test_an_unchanged_line_is_not_parsed_again(path, monkeypatch):
     daemon = Registry(path)
     assert len(daemon.list()) == 100
     parsed = []
-    real = registry_module._parse_line
+    real = registry_module.parse_line
     monkeypatch.setattr(
-        registry_module, "_parse_line", lambda i, line: parsed.append(i) or real(i, line)
+        registry_module, "parse_line", lambda i, line: parsed.append(i) or real(i, line)
     )
     cli.rotate("m-7")
     cli.add("new", "module")

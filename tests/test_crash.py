@@ -91,7 +91,6 @@ def two_cores(daemon_factory):
 
 def test_acked_frames_survive_repeated_sigkill_mid_stream(two_cores):
     daemon, streamers = two_cores
-    started = time.monotonic()
     for s in streamers:
         s.start()
     # how far the ACKs must advance past the previous round before the kill: 0 kills the fresh
@@ -146,7 +145,6 @@ def test_acked_frames_survive_repeated_sigkill_mid_stream(two_cores):
     for s in streamers:
         assert sorted(f["seq"] for f in frames if f["id"] == s.core) == sorted(s.sent)
     assert daemon.log().count("listening on") == len(steps) + 1
-    assert time.monotonic() - started < 60  # aim: well under 30 s
 
 
 def test_sigterm_while_streaming_exits_0_within_2_s_and_keeps_acked_frames(two_cores):

@@ -10,7 +10,7 @@ import pytest
 from appliance.protocol import crypto
 from appliance.protocol.client_session import ClientSession, ProtocolViolation
 from appliance.protocol.frames import FrameType, encode_frame
-from appliance.protocol.session import BYE, CLOSED, DATA, HELLO, ServerSession, parse_hello
+from appliance.protocol.session import BYE, CLOSED, DATA, HELLO, ServerSession, State, parse_hello
 
 SECRET = bytes(range(32))
 OTHER_SECRET = bytes(range(1, 33))
@@ -324,7 +324,7 @@ def test_frame_before_welcome_is_unauthenticated(ftype):
     events = server.receive_data(encode_frame(ftype, 1, b"payload", channel=1))
     assert [e[:2] for e in events] == [(CLOSED, "UNAUTHENTICATED")]
     assert codes(sent(server)) == [(FrameType.ERROR, 0, "UNAUTHENTICATED")]
-    assert server.close_code == "UNAUTHENTICATED"
+    assert server.state is State.CLOSED
     assert server.receive_data(hello_frame()) == []
     assert sent(server) == []
 
@@ -421,7 +421,7 @@ def test_malformed_hello_is_auth_failed(payload):
     events = server.receive_data(encode_frame(FrameType.HELLO, 0, payload))
     assert [e[:2] for e in events] == [(CLOSED, "AUTH_FAILED")]
     assert codes(sent(server)) == [(FrameType.ERROR, 0, "AUTH_FAILED")]
-    assert server.close_code == "AUTH_FAILED"
+    assert server.state is State.CLOSED
     assert server.receive_data(hello_frame()) == []
     assert sent(server) == []
 
@@ -476,7 +476,7 @@ def test_refused_type_after_welcome_is_bad_type_and_session_stays_open(mac, ftyp
     client.send_data(1, 5, b"next")
     assert server.receive_data(refused + client.data_to_send()) == [(DATA, 1, 5, 0, b"next")]
     assert codes(sent(server)) == [(FrameType.NACK, 4242, "BAD_TYPE")]
-    assert server.close_code is None
+    assert server.state is State.OPEN
 
 
 def test_bad_type_is_reported_before_its_payload_arrives():
@@ -575,7 +575,7 @@ def test_framing_errors_after_welcome_close_the_session(head, code):
     assert events[0] == (DATA, 1, 1, 0, b"ok")
     assert [e[:2] for e in events[1:]] == [(CLOSED, code)]
     assert codes(sent(server)) == [(FrameType.ERROR, 0, code)]
-    assert server.close_code == code
+    assert server.state is State.CLOSED
     client.send_data(1, 2, b"ignored")
     assert deliver(client, server) == []
 
@@ -637,13 +637,13 @@ def test_fail_queues_error_and_closes(code):
     server, client = handshake("hmac-sha256")
     assert server.fail(code, "bye now") == (CLOSED, code, "bye now")
     assert sent(server) == [(FrameType.ERROR, 0, {"code": code, "message": "bye now"})]
-    assert server.close_code == code
+    assert server.state is State.CLOSED
     client.send_data(1, 1, b"late")
     assert deliver(client, server) == []
     # a second failure queues nothing more
     server.fail("TIMEOUT", "again")
     assert sent(server) == []
-    assert server.close_code == code
+    assert server.state is State.CLOSED
 
 
 def test_fail_before_hello():

@@ -23,7 +23,7 @@ from streaming import Streamer, wait_resumed
 from appliance.protocol import crypto
 from appliance.protocol.client_session import ClientSession
 from appliance.protocol.frames import FrameType
-from appliance.store.recovery import read_records
+from appliance.store.reader import read_records
 from appliance.store.segment import list_segments
 
 DEV = "dev/core-0"

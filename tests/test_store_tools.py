@@ -21,7 +21,7 @@ from conftest import ROOT, Daemon, cli, wait_for
 from appliance.client import Client
 from appliance.config import load as load_config
 from appliance.store import meta
-from appliance.store.recovery import read_records
+from appliance.store.reader import read_records
 from appliance.store.segment import BLOCK, DATA_START, list_segments, segment_name
 from appliance.store.tools import ToolError, add_parsers
 
@@ -199,8 +199,6 @@ def test_recover_dump_of_a_clean_segment_prints_every_record_and_exits_0(capsys,
 def test_flipped_bytes_mid_segment_are_marked_and_the_records_around_them_printed(capsys, data):
     recs = list(read_records(data / "wal"))
     victim = recs[len(recs) // 2]
-    commit_starts = [r.offset for r in recs if r.offset % BLOCK == 0]
-    resumes = min(o for o in commit_starts if o > victim.offset)  # the next commit
     with open(segment1(data), "r+b") as f:
         f.seek(victim.end - 3)
         f.write(b"\xa5\x5a\xa5")
@@ -209,16 +207,17 @@ def test_flipped_bytes_mid_segment_are_marked_and_the_records_around_them_printe
     assert code == 1
     header, records, bad, summary = split(lines)
     assert header["header"] == "ok"
-    assert bad == [{"offset": victim.offset, "bad": "CRC mismatch", "skipped_to": resumes}]
-    good = [r for r in recs if r.offset < victim.offset or r.offset >= resumes]
+    # only the damaged record is lost: its length still says where the next one begins
+    assert bad == [{"offset": victim.offset, "bad": "CRC mismatch", "skipped_to": victim.end}]
+    good = [r for r in recs if r is not victim]
     assert keys(records) == keys(good)
     assert [r["offset"] for r in records] == [r.offset for r in good]
-    assert any(r.offset < victim.offset for r in good) and any(r.offset > resumes for r in good)
     assert summary["records"] == len(good) and summary["bad_stretches"] == 1
     assert summary["clean"] is False
     # the bad line sits between the records before and after it
     at = lines.index(bad[0])
-    assert lines[at - 1]["offset"] < victim.offset < lines[at + 1]["offset"] == resumes
+    after = recs[recs.index(victim) + 1]
+    assert lines[at - 1]["offset"] < victim.offset < lines[at + 1]["offset"] == after.offset
 
 
 @pytest.mark.parametrize("cut", ["mid-record", "block-boundary"])
@@ -436,6 +435,88 @@ def test_salvaged_segment_loads_into_the_daemon(capsys, daemon_factory, stocked_
     assert fresh.stop() == 0
 
 
+def flip_fields(segment: Path, recs: list) -> list:
+    """Damage five records, each in another field, two of them in the same commit; returns
+    the damaged ones."""
+    victims = [recs[2], recs[15], recs[16], recs[40], recs[-2]]
+    where = [
+        lambda r: r.offset + 1,  # the CRC
+        lambda r: r.offset + 7,  # the lowest byte of the length
+        lambda r: r.end - 1,  # the last payload byte
+        lambda r: r.offset + 40,  # the first byte of the identity
+        lambda r: r.offset + 8,  # the type
+    ]
+    with open(segment, "r+b") as f:
+        for victim, at in zip(victims, where, strict=True):
+            f.seek(at(victim))
+            byte = f.read(1)
+            f.seek(at(victim))
+            f.write(bytes([byte[0] ^ 0x24]))
+    return victims
+
+
+def test_salvage_keeps_every_intact_record_and_the_readme_procedure_loads_it(
+    capsys, daemon_factory, stocked_wal, tmp_path
+):
+    """recover-dump --salvage on a segment with flipped bytes in five records (their CRC,
+    length, payload, identity, type): every other record is in the salvaged segment. Then
+    the README's procedure: stop the daemon, put OUT in data/wal/ under a number above the
+    newest segment, start the daemon."""
+    damaged = tmp_path / segment_name(1)
+    shutil.copy(stocked_wal / segment_name(1), damaged)
+    recs = list(read_records(stocked_wal))
+    victims = flip_fields(damaged, recs)
+    intact = [as_dump(r) for r in recs if r not in victims]
+
+    d = daemon_factory(STORE_CONFIG)
+    stream(d, 2, 5)
+    before = dump(d.data_dir)
+    assert d.stop() == 0
+    wal = d.data_dir / "wal"
+    newest = list_segments(wal)[-1][0]
+    out = wal / segment_name(newest + 1)
+    code, lines, _ = run(capsys, tmp_path, "recover-dump", damaged, "--salvage", out)
+    assert code == 1
+    _, records, bad, summary = split(lines[:-1])
+    assert summary["records"] == len(intact)
+    assert [x["seq"] for x in records] == [x["seq"] for x in intact]
+    # the damaged neighbours (a length, then a payload) make one stretch
+    assert [b["offset"] for b in bad] == [v.offset for v in victims if v is not recs[16]]
+    assert lines[-1] == {"salvaged": len(intact), "to": str(out), "segment": newest + 1}
+    assert out.stat().st_mode & 0o777 == 0o600
+
+    d.start()
+    assert dump(d.data_dir) == before + intact
+    stream(d, 1, 3)
+    after = dump(d.data_dir)
+    assert (
+        after[: len(before) + len(intact)] == before + intact
+        and len(after) == len(before) + len(intact) + 3
+    )
+    assert d.stop() == 0
+    d.start()
+    assert dump(d.data_dir) == after
+    assert not list(wal.glob("*.quarantined"))
+    assert "set aside" not in d.log() and "torn" not in d.log()
+    assert d.stop() == 0
+
+
+@pytest.mark.parametrize("target", ["a file", "nothing"])
+def test_salvage_refuses_a_symbolic_link_as_out(capsys, data, tmp_path, target):
+    victim = tmp_path / "victim"
+    if target == "a file":
+        victim.write_bytes(b"keep me")
+    out = tmp_path / segment_name(9)
+    out.symlink_to(victim)
+    code, lines, err = run(capsys, data, "recover-dump", segment1(data), "--salvage", out)
+    assert code == 2 and lines == []
+    one_line_error(err)
+    assert "exists" in err
+    assert out.is_symlink()
+    assert victim.read_bytes() == b"keep me" if target == "a file" else not victim.exists()
+    assert not list(tmp_path.glob(".*salvage-tmp"))
+
+
 # -- worker ------------------------------------------------------------------------------
 
 
@@ -470,6 +551,33 @@ def test_worker_out_cuts_a_torn_last_line_before_appending(capsys, data, tmp_pat
     code, _, err = run(capsys, data, "worker", "--cursor", "batch", "--out", outdir, "--once")
     assert code == 0, err
     assert out_lines(outdir) == [as_dump(r) for r in read_records(data / "wal")]
+
+
+def test_worker_out_files_are_private_and_never_reached_through_a_link(capsys, data, tmp_path):
+    outdir = tmp_path / "out"
+    code, _, err = run(capsys, data, "worker", "--cursor", "a", "--out", outdir, "--once")
+    assert code == 0, err
+    made = outdir / "a-000000000001.jsonl"
+    assert made.stat().st_mode & 0o777 == 0o600
+
+    # another reader's file, planted as a link to a victim: refused, the victim untouched
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    (outdir / "b-000000000001.jsonl").symlink_to(victim)
+    code, lines, err = run(capsys, data, "worker", "--cursor", "b", "--out", outdir, "--once")
+    assert code == 2 and lines == []
+    one_line_error(err)
+    assert "symbolic link" in err
+    assert victim.read_text() == "keep me\n"
+    assert cursor_position(data / "wal", "b") == [1, DATA_START]  # nothing committed
+
+    # a file an older version left readable by others is tightened when appended to
+    older = outdir / "c-000000000001.jsonl"
+    older.write_text("")
+    older.chmod(0o644)
+    code, _, err = run(capsys, data, "worker", "--cursor", "c", "--out", outdir, "--once")
+    assert code == 0, err
+    assert older.stat().st_mode & 0o777 == 0o600 and older.read_text()
 
 
 FLAKY = """

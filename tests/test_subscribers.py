@@ -272,3 +272,21 @@ def test_the_fast_reader_leaves_damage_and_torn_tails_to_the_cursor(tmp_path, ca
     assert fields(got) == fields(want)
     assert len(got) < len(records) and fields(got[-1:]) == fields(records[-1:])
     assert "CRC mismatch" in caplog.text
+
+
+def test_the_fast_reader_reads_past_a_zeroed_block_in_a_sealed_segment(tmp_path, caplog):
+    """A lost sector reads as zeros, which look like the end of the data; in a sealed
+    segment the data goes on after it (issue 9), and what the cursor reads past the gap
+    the fast reader must not leave behind for the next segment."""
+    wal = tmp_path / "wal"
+    make_log(wal)
+    records = read_all(wal, "probe", False)
+    hole = records[150].offset  # zeros where a record starts: they read as the end
+    with open(wal / segment_name(1), "r+b") as f:
+        f.seek(hole)
+        f.write(bytes(4096))
+    want = read_all(wal, "slow", False)
+    got = read_all(wal, "fast", True)
+    assert fields(got) == fields(want)
+    assert any(r.segment == 1 and r.offset > hole + 4096 for r in got)
+    assert "zeros before more data" in caplog.text

@@ -12,7 +12,8 @@ import hmac
 import logging
 import secrets
 
-from appliance.auth.registry import Identity, Registry, RegistryError
+from appliance.auth.identity import Identity, RegistryError
+from appliance.auth.registry import Registry
 from appliance.protocol import crypto
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
-from appliance.auth.registry import Identity, RegistryError, format_channels, parse_channels
+from appliance.auth.identity import Identity, RegistryError, format_channels, parse_channels
 from appliance.protocol import crypto
 
 FIELDS = ("id", "kind", "module", "channels", "fingerprint", "mac")

@@ -51,30 +51,29 @@ import fcntl
 import json
 import logging
 import os
-import re
-import secrets
-import tempfile
-import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from itertools import compress, repeat
 from operator import itemgetter, methodcaller, ne
 from pathlib import Path
 from typing import Any
 
-from appliance.durable import fsync_dir
+from appliance.auth.identity import (
+    Identity,
+    RegistryError,
+    check_fingerprint,
+    encode_line,
+    from_json,
+    new_secret,
+    one_line,
+    parse_line,
+    spec_identity,
+)
+from appliance.durable import write_atomic
 from appliance.protocol import crypto
 
 log = logging.getLogger(__name__)
 
-KINDS = ("core", "module", "user")
 FORMAT_VERSION = 1
-MAX_CHANNEL = 65535
-
-_NAME = re.compile(r"[\x21-\x7e]{1,128}")
-_FINGERPRINT = re.compile(r"[\x21-\x7e]{1,256}")
-# Bounded digit count: int() refuses very long strings, and no channel needs more.
-_CHANNEL_ITEM = re.compile(r"([0-9]{1,10})(?:-([0-9]{1,10}))?")
 
 # (inode, size, mtime) of the file. Every write replaces the file and gives the new
 # one an mtime above the old one's, so a poll never takes a new version for the one
@@ -86,64 +85,6 @@ _Signature = tuple[int, int, int]
 _HEAD = b'{"version": 1, "identities": {\n'
 _TAIL = b"}}\n"
 _SEPARATOR = b",\n"
-
-
-class RegistryError(Exception):
-    """A registry operation or file that cannot be accepted; the message is one line.
-
-    `index`: from `add_many`, the position of the spec at fault (None otherwise).
-    """
-
-    def __init__(self, message: str, index: int | None = None) -> None:
-        super().__init__(message)
-        self.index = index
-
-
-@dataclass(frozen=True)
-class Identity:
-    id: str
-    kind: str
-    module: str | None
-    # repr=False: an Identity may end up in a log line or a traceback.
-    secret: bytes = field(repr=False)
-    channels: frozenset[int]
-    fingerprint: str | None
-    macs: frozenset[str]
-    admin: bool
-    revoked: bool
-    created_ns: int
-
-
-def parse_channels(text: str) -> list[int]:
-    """Parse a channel list: "1,2,5-7" -> [1, 2, 5, 6, 7], sorted, no repeats; "" -> []."""
-    if not text.strip():
-        return []
-    channels: set[int] = set()
-    for item in text.split(","):
-        item = item.strip()
-        match = _CHANNEL_ITEM.fullmatch(item)
-        if match is None:
-            raise RegistryError(f"bad channel list {text!r}: expected e.g. 1,2,5-7")
-        low = int(match[1])
-        high = int(match[2]) if match[2] is not None else low
-        for value in (low, high):
-            if value > MAX_CHANNEL:
-                raise RegistryError(f"channel {value} out of range 0-{MAX_CHANNEL}")
-        if low > high:
-            raise RegistryError(f"reversed channel range {item!r}")
-        channels.update(range(low, high + 1))
-    return sorted(channels)
-
-
-def format_channels(channels: Iterable[int]) -> str:
-    """The inverse of parse_channels: {1, 2, 3, 7} -> "1-3,7"; none -> ""."""
-    ranges: list[list[int]] = []
-    for channel in sorted(channels):
-        if ranges and channel == ranges[-1][1] + 1:
-            ranges[-1][1] = channel
-        else:
-            ranges.append([channel, channel])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
 
 
 # id -> (its line, the identity parsed from it): each identity looked up or written
@@ -173,12 +114,12 @@ class _Table:
             entry = cache.get(ident)
             if entry is not None and entry[0] == line:
                 return entry[1]
-        identity = _parse_line(ident, line)
+        identity = parse_line(ident, line)
         self.own[ident] = (line, identity)
         return identity
 
     def set(self, identity: Identity) -> None:
-        line = _line(identity)
+        line = encode_line(identity)
         self.lines[identity.id] = line
         self.own[identity.id] = (line, identity)
         self.dirty = True
@@ -311,7 +252,7 @@ class Registry:
         new: dict[str, Identity] = {}
         for index, spec in enumerate(specs):
             try:
-                identity = _spec_identity(spec)
+                identity = spec_identity(spec)
             except RegistryError as e:
                 raise RegistryError(str(e), index) from None
             if identity.id in new:
@@ -342,7 +283,7 @@ class Registry:
             identity = _existing(table, ident)
             if identity.revoked:
                 raise RegistryError(f"identity {ident!r} is revoked: restore it instead")
-            identity = dataclasses.replace(identity, secret=_new_secret())
+            identity = dataclasses.replace(identity, secret=new_secret())
             table.set(identity)
         return crypto.secret_to_token(identity.secret)
 
@@ -353,7 +294,7 @@ class Registry:
             identity = _existing(table, ident)
             if not identity.revoked:
                 raise RegistryError(f"identity {ident!r} is not revoked")
-            identity = dataclasses.replace(identity, secret=_new_secret(), revoked=False)
+            identity = dataclasses.replace(identity, secret=new_secret(), revoked=False)
             table.set(identity)
         return crypto.secret_to_token(identity.secret)
 
@@ -361,13 +302,13 @@ class Registry:
         """Bind the identity to `fingerprint`, replacing any binding; None clears it
         (with trust on first use, the next HELLO binds it again)."""
         if fingerprint is not None:
-            _check_fingerprint(fingerprint)
+            check_fingerprint(fingerprint)
         with self._update() as table:
             table.set(dataclasses.replace(_existing(table, ident), fingerprint=fingerprint))
 
     def bind_fingerprint(self, ident: str, fingerprint: str) -> None:
         """Bind `fingerprint` to the identity unless one is bound already (trust on first use)."""
-        _check_fingerprint(fingerprint)
+        check_fingerprint(fingerprint)
         with self._update() as table:
             identity = _existing(table, ident)
             # Checked under the lock: another process may have bound it since we last read.
@@ -442,7 +383,7 @@ class Registry:
         try:
             doc = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
-            raise RegistryError(f"{self.path}: not valid JSON: {_one_line(e)}") from None
+            raise RegistryError(f"{self.path}: not valid JSON: {one_line(e)}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("identities"), dict):
             raise RegistryError(f"{self.path}: not a registry (no identities object)")
         if doc.get("version") != FORMAT_VERSION:
@@ -450,10 +391,10 @@ class Registry:
         table = _Table({}, self._known)
         for ident, entry in doc["identities"].items():
             try:
-                identity = _from_json(ident, entry)
+                identity = from_json(ident, entry)
             except RegistryError as e:
                 raise RegistryError(f"{self.path}: identity {ident!r}: {e}") from None
-            line = _line(identity)
+            line = encode_line(identity)
             table.lines[ident] = line
             table.own[ident] = (line, identity)
         return table
@@ -461,85 +402,19 @@ class Registry:
     def _write(self, lines: dict[str, bytes], previous: _Signature | None) -> _Signature:
         body = _SEPARATOR.join(lines[ident] for ident in sorted(lines))
         data = _HEAD + body + (b"\n" if lines else b"") + _TAIL
-        directory = self.path.parent
-        # mkstemp creates the file 0600, so the secrets are never readable by others.
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                st = os.fstat(f.fileno())
-                if previous is not None and st.st_mtime_ns <= previous[2]:
-                    # Same clock tick as the version it replaces: a reader polling by
-                    # signature must still see a change (rotate keeps the size).
-                    mtime = previous[2] + 1
-                    os.utime(f.fileno(), ns=(mtime, mtime))
-                    st = os.fstat(f.fileno())
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(directory)  # without it the rename itself may not survive a power cut
+
+        def later_than_previous(fd: int) -> None:
+            # Same clock tick as the version it replaces: a reader polling by signature
+            # must still see a change (a rotation keeps the size).
+            mtime = os.fstat(fd).st_mtime_ns
+            if previous is not None and mtime <= previous[2]:
+                os.utime(fd, ns=(previous[2] + 1, previous[2] + 1))
+
+        st = write_atomic(self.path, data, prepare=later_than_previous)  # 0600: secrets
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-# -- helpers -------------------------------------------------------------------
-
-
-_SPEC_KEYS = frozenset({"ident", "kind", "module", "channels", "fingerprint", "macs", "admin"})
-
-
-def _spec_identity(spec: object) -> Identity:
-    if not isinstance(spec, dict):
-        raise RegistryError(f"an identity spec is a dict, not {type(spec).__name__}")
-    unknown = sorted(set(spec) - _SPEC_KEYS)
-    if unknown:
-        raise RegistryError(f"unknown identity field {unknown[0]!r}")
-    if "ident" not in spec or "kind" not in spec:
-        raise RegistryError("an identity needs 'ident' and 'kind'")
-    return _new_identity(**spec)
-
-
-def _new_secret() -> bytes:
-    return secrets.token_bytes(crypto.SECRET_SIZE)
-
-
-def _check_fingerprint(fingerprint: object) -> None:
-    if not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint):
-        raise RegistryError(f"bad fingerprint {fingerprint!r}")
-
-
-def _new_identity(
-    ident: str,
-    kind: str,
-    *,
-    module: str | None = None,
-    channels: Iterable[int] = (),
-    fingerprint: str | None = None,
-    macs: Iterable[str] = crypto.DEFAULT_MACS,
-    admin: bool = False,
-) -> Identity:
-    """A validated identity with a fresh secret (for `add` and `add_many`)."""
-    channels = tuple(channels)
-    for channel in channels:
-        if not _is_channel(channel):
-            raise RegistryError(f"channel {channel!r} out of range 0-{MAX_CHANNEL}")
-    identity = Identity(
-        id=ident,
-        kind=kind,
-        module=module,
-        secret=_new_secret(),
-        channels=frozenset(channels),
-        fingerprint=fingerprint,
-        macs=frozenset(macs),
-        admin=admin,
-        revoked=False,
-        created_ns=time.time_ns(),
-    )
-    _validate(identity)
-    return identity
+# -- the file ----------------------------------------------------------------
 
 
 def _existing(table: _Table, ident: str) -> Identity:
@@ -547,102 +422,6 @@ def _existing(table: _Table, ident: str) -> Identity:
     if identity is None:
         raise RegistryError(f"unknown identity {ident!r}")
     return identity
-
-
-def _is_channel(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_CHANNEL
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
-
-
-def _validate(identity: Identity) -> None:
-    """The rules for an identity, both for `add` and for every entry read from the file."""
-    if not isinstance(identity.id, str) or not _NAME.fullmatch(identity.id):
-        raise RegistryError(
-            f"bad identity id {identity.id!r}: 1-128 printable ASCII characters, no spaces"
-        )
-    kind = identity.kind
-    if kind not in KINDS:
-        raise RegistryError(f"bad kind {kind!r}: one of {', '.join(KINDS)}")
-    if kind == "core":
-        if identity.module is None:
-            raise RegistryError(f"core {identity.id!r} needs a module")
-        if not isinstance(identity.module, str) or not _NAME.fullmatch(identity.module):
-            raise RegistryError(f"bad module name {identity.module!r}")
-    elif identity.module is not None:
-        raise RegistryError(f"only a core belongs to a module, not a {kind}")
-    if identity.admin and kind != "user":
-        raise RegistryError(f"only a user can be an admin, not a {kind}")
-    unknown = sorted(identity.macs - set(crypto.MAC_ALGORITHMS))
-    if unknown:
-        raise RegistryError(
-            f"unknown MAC algorithm {unknown[0]!r}: one of {', '.join(crypto.MAC_ALGORITHMS)}"
-        )
-    if not identity.macs:
-        raise RegistryError("no MAC algorithm allowed: it could never connect")
-    if identity.fingerprint is not None:
-        _check_fingerprint(identity.fingerprint)
-
-
-def _to_json(identity: Identity) -> dict:
-    return {
-        "kind": identity.kind,
-        "module": identity.module,
-        "token": crypto.secret_to_token(identity.secret),
-        "channels": sorted(identity.channels),
-        "fingerprint": identity.fingerprint,
-        "macs": sorted(identity.macs),
-        "admin": identity.admin,
-        "revoked": identity.revoked,
-        "created_ns": identity.created_ns,
-    }
-
-
-def _from_json(ident: str, entry: object) -> Identity:
-    if not isinstance(entry, dict):
-        raise RegistryError("not an object")
-
-    def get(key: str, kind: type | tuple[type, ...]) -> Any:
-        value = entry.get(key)
-        # bool is an int to isinstance; a channel or a timestamp must not be true.
-        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            raise RegistryError(f"{key!r} missing or of the wrong type")
-        return value
-
-    try:
-        secret = crypto.token_to_secret(get("token", str))
-    except ValueError:
-        raise RegistryError("'token' is not a valid token") from None
-    channels = get("channels", list)
-    if not all(_is_channel(c) for c in channels):
-        raise RegistryError(f"'channels' must be integers 0-{MAX_CHANNEL}")
-    macs = get("macs", list)
-    if not all(isinstance(m, str) for m in macs):
-        raise RegistryError("'macs' must be strings")
-    identity = Identity(
-        id=ident,
-        kind=get("kind", str),
-        module=get("module", (str, type(None))),
-        secret=secret,
-        channels=frozenset(channels),
-        fingerprint=get("fingerprint", (str, type(None))),
-        macs=frozenset(macs),
-        admin=get("admin", bool),
-        revoked=get("revoked", bool),
-        created_ns=get("created_ns", int),
-    )
-    _validate(identity)
-    return identity
-
-
-# -- the line layout -------------------------------------------------------------
-
-
-def _line(identity: Identity) -> bytes:
-    """The identity's entry as one line of the file (without the separator)."""
-    return (json.dumps(identity.id) + ": " + json.dumps(_to_json(identity))).encode()
 
 
 def _split(data: bytes) -> dict[str, bytes] | None:
@@ -672,13 +451,3 @@ def _split(data: bytes) -> dict[str, bytes] | None:
     except UnicodeDecodeError:
         return None
     return dict(zip(ids[1:], rows, strict=True))
-
-
-def _parse_line(ident: str, line: bytes) -> Identity:
-    try:
-        entry = json.loads(b"{" + line + b"}")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RegistryError(f"not valid JSON: {_one_line(e)}") from None
-    if list(entry) != [ident]:
-        raise RegistryError("its line holds another key")
-    return _from_json(ident, entry[ident])

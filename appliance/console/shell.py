@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from appliance import __version__
-from appliance.auth.registry import Identity, Registry, format_channels
+from appliance.auth.identity import Identity, format_channels
+from appliance.auth.registry import Registry
 from appliance.protocol import crypto
 from appliance.store.segment import list_segments
 from appliance.telemetry.figures import duration

@@ -92,10 +92,6 @@ class FrameDecoder:
         """Bytes held between calls (an incomplete frame, or bytes held while stopped)."""
         return len(self._buf)
 
-    @property
-    def stopped(self) -> bool:
-        return self._held
-
     def close(self) -> None:
         """Discard everything from now on."""
         self._dead = True

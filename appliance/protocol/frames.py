@@ -15,10 +15,7 @@ HEADER = struct.Struct(">HBBHHIIQQ")
 HEADER_SIZE = HEADER.size  # 32
 CRC_SIZE = 4
 MAC_SIZE = 16
-MIN_FRAME = HEADER_SIZE + CRC_SIZE
 DEFAULT_MAX_PAYLOAD = 65536
-# magic + version as one big-endian u32 prefix with the type byte, for a fast header check
-MAGIC_VERSION = (MAGIC << 8) | VERSION
 
 
 class FrameType(IntEnum):

@@ -133,7 +133,6 @@ class ServerSession:
         "_decoder",
         "_hello",
         "_out",
-        "close_code",
         "counters",
         "frames_seen",
         "identity",
@@ -156,7 +155,6 @@ class ServerSession:
         self.identity: str | None = None
         self.mac_algorithm: str | None = None
         self.frames_seen = 0
-        self.close_code: str | None = None
         # NACKs and ERRORs sent, by code: "nack.BAD_CRC", "error.TIMEOUT", ...
         self.counters = Counter() if counters is None else counters
         self._hello: dict | None = None
@@ -254,7 +252,6 @@ class ServerSession:
     def _close(self, code: str, message: str, *, send: bool) -> Closed:
         if self.state is not State.CLOSED:
             self.state = State.CLOSED
-            self.close_code = code
             self._decoder.close()
             if send:
                 self.counters["error." + code] += 1

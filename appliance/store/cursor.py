@@ -3,45 +3,43 @@
 A Cursor reads records after its position and, when its owner has handled
 them, commits the new position to `NAME.cursor` beside the segments. Delivery
 is at least once: after a crash a reader starts again from its last commit.
-Inside the daemon a cursor is given the live Store and reads recent records
-from the ring; a reader that has fallen behind the ring, and any reader in
-another process (`module-ingest worker`), reads the segment files. The store
-deletes a segment only when every cursor has passed it.
+Every reader is a process of its own beside the daemon (`module-ingest
+worker`, the subscribers) and reads the segment files through the segment
+reader (reader.py): the newest segment only as far as its data runs without a
+gap, since a commit may be in flight there. The store deletes a segment only
+when every cursor has passed it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import mmap
 import os
 from pathlib import Path
 
 from appliance.store import meta
+from appliance.store.reader import Damage, SegmentReader, checkpoint, trusted_in
 from appliance.store.segment import (
     DATA_START,
     Record,
-    ScanEnd,
     SegmentError,
     check_header,
     list_segments,
-    resync,
-    scan,
 )
-from appliance.store.wal import Store
 
 log = logging.getLogger("appliance.store")
 
-RING_READ = 1024 * 1024  # bytes taken from the ring per read
-
 
 class Cursor:
-    def __init__(self, directory: str | os.PathLike, name: str, store: Store | None = None):
+    def __init__(self, directory: str | os.PathLike, name: str):
         self.directory = Path(directory)
         self.name = meta.check_cursor_name(name)
-        self.store = store
         saved = meta.read_cursor(self.directory, name)
         self.position: tuple[int, int] = saved or self._oldest()
         self.committed = saved
+        self._said: set[tuple[int, int]] = set()  # damage already logged: (segment, offset)
         if saved is None:
             # registering pins the data from here on against retention
             self.commit()
@@ -70,100 +68,66 @@ class Cursor:
         Advances `position` past them; `commit` makes that stick."""
         out: list[Record] = []
         while len(out) < max_records:
-            got = self._read_once(max_records - len(out))
+            got = self._read_segment(max_records - len(out))
             if not got:
                 break
             out += got
         return out
 
-    def _read_once(self, limit: int) -> list[Record]:
-        seg, off = self.position
-        if self.store is not None:
-            durable_seg, durable_off = self.store.durable_position()
-            if (seg, off) >= (durable_seg, durable_off):
-                return []
-            data = self.store.read_ring(seg, off, RING_READ)
-            if data:
-                records = []
-                for item in scan(data, seg, 0):
-                    if isinstance(item, ScanEnd) or len(records) >= limit:
-                        break
-                    records.append(_shift(item, off))
-                if records:
-                    self.position = (seg, records[-1].end)
-                    return records
-        return self._read_file(seg, off, limit)
-
-    def _read_file(self, seg: int, off: int, limit: int) -> list[Record]:
-        segments = list_segments(self.directory)
-        numbers = [n for n, _ in segments]
-        if seg not in numbers:
-            later = [n for n in numbers if n > seg]
-            if not later:
-                return []
-            log.warning("cursor %s: segment %d is gone; going on at %d", self.name, seg, later[0])
-            self.position = (later[0], DATA_START)
-            return self._read_file(later[0], DATA_START, limit)
-        path = dict(segments)[seg]
-        sealed = seg != numbers[-1]
-        if path.stat().st_size == 0:
-            return []  # the daemon is creating it right now
-        # inside the daemon, never past what is durable (the file may hold a commit in flight)
-        bound = self.store.durable_position() if self.store is not None else None
-        records: list[Record] = []
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            try:
-                check_header(data, seg)
-            except SegmentError as exc:
-                log.error("cursor %s: %s: %s; skipping it", self.name, path.name, exc)
-                end = ScanEnd(len(data), "bad header", True)
-            else:
-                end = None
-                for item in scan(data, seg, max(off, DATA_START)):
-                    if isinstance(item, ScanEnd):
-                        end = item
-                        break
-                    if bound is not None and (seg, item.end) > bound:
-                        break
-                    records.append(item)
-                    if len(records) >= limit:
-                        break
-            if records:
-                self.position = (seg, records[-1].end)
-                return records
-            # damage, not a commit in flight: in a sealed segment, or below what is durable
-            damaged = sealed or (
-                bound is not None and end is not None and (seg, end.offset) < bound
-            )
-            if end is not None and not end.clean and damaged:
-                nxt = resync(data, end.offset)
-                log.error(
-                    "cursor %s: %s: %s at offset %d; skipping to %s",
-                    self.name,
-                    path.name,
-                    end.reason,
-                    end.offset,
-                    nxt,
+    def _read_segment(self, limit: int) -> list[Record]:
+        """Records from the position on, in its segment or the next ones that hold any."""
+        while True:
+            seg, off = self.position
+            segments = list_segments(self.directory)
+            numbers = [n for n, _ in segments]
+            if seg not in numbers:
+                later = [n for n in numbers if n > seg]
+                if not later:
+                    return []
+                log.warning(
+                    "cursor %s: segment %d is gone; going on at %d", self.name, seg, later[0]
                 )
-                if nxt is not None:
-                    self.position = (seg, nxt)
-                    return self._read_file(seg, nxt, limit)
-        if sealed:
+                self.position = (later[0], DATA_START)
+                continue
+            path = dict(segments)[seg]
+            newest = numbers[-1]
+            records = self._read_file(path, seg, off, limit, newest)
+            if records or seg == newest:
+                return records
             self.position = (numbers[numbers.index(seg) + 1], DATA_START)
-            return self._read_file(*self.position, limit)
-        return []
 
+    def _read_file(self, path: Path, seg: int, off: int, limit: int, newest: int) -> list[Record]:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return []  # the daemon is creating it right now
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                try:
+                    check_header(data, seg)
+                except SegmentError as exc:
+                    if seg != newest:
+                        self._say(seg, 0, f"{path.name}: {exc}; skipping it")
+                    return []
+                trusted = trusted_in(seg, newest, checkpoint(self.directory))
+                reader = SegmentReader(data, seg, trusted=trusted, report=self._reporter(path, seg))
+                with contextlib.closing(reader.records(max(off, DATA_START))) as found:
+                    records = list(itertools.islice(found, limit))
+        if records:
+            self.position = (seg, records[-1].end)
+        return records
 
-def _shift(rec: Record, base: int) -> Record:
-    """A record scanned from a ring buffer that starts at file offset `base`."""
-    return Record(
-        rec.segment,
-        rec.offset + base,
-        rec.identity,
-        rec.channel,
-        rec.seq,
-        rec.ts_ns,
-        rec.recv_ns,
-        rec.payload,
-        rec.end + base,
-    )
+    def _reporter(self, path: Path, seg: int):
+        def report(damage: Damage) -> None:
+            where = "nothing valid after it" if damage.resumed is None else damage.resumed
+            self._say(
+                seg,
+                damage.offset,
+                f"{path.name}: {damage.reason} at offset {damage.offset}; skipping to {where}",
+            )
+
+        return report
+
+    def _say(self, seg: int, offset: int, text: str) -> None:
+        """Log damage once per reader, not at every poll that passes it again."""
+        if (seg, offset) not in self._said:
+            self._said.add((seg, offset))
+            log.error("cursor %s: %s", self.name, text)

@@ -1,8 +1,9 @@
 """Small metadata files: the store's checkpoint and the readers' cursors.
 
 Each is a JSON object followed by a line with its CRC-32, replaced atomically
-(temp file, fsync, rename, fsync of the directory), so a crash leaves the old
-or the new version and a damaged one is recognised rather than trusted. They
+(durable.write_checked_json: temp file, fsync, rename, fsync of the directory),
+so a crash leaves the old or the new version and a damaged one is recognised
+rather than trusted. They
 are written rarely: the checkpoint on rotation, every `checkpoint_bytes` of
 WAL or `checkpoint_seconds`, and at a clean stop; a cursor when its reader
 commits. Never once per frame: flash wears with every write.
@@ -17,14 +18,11 @@ reflected in last_seq and frames. Recovery reads only from there to the tail.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
-import zlib
 from pathlib import Path
 
-from appliance.durable import fsync_dir
+from appliance.durable import ChecksumError, read_checked_json, write_checked_json
 
 log = logging.getLogger("appliance.store")
 
@@ -38,34 +36,20 @@ class MetaError(Exception):
 
 
 def write(path: Path, obj: dict) -> None:
-    body = json.dumps(obj, separators=(",", ":"), sort_keys=True)
-    text = f"{body}\n{zlib.crc32(body.encode()):08x}\n"
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_checked_json(path, obj)
 
 
 def read(path: Path) -> dict:
     """The object in a meta file; MetaError if it is missing, torn or damaged."""
     try:
-        text = path.read_bytes().decode()
+        obj = read_checked_json(path)
     except FileNotFoundError:
         raise MetaError(f"{path.name}: missing") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise MetaError(f"{path.name}: unreadable ({exc})") from None
-    body, _, crc = text.rstrip("\n").rpartition("\n")
-    try:
-        ok = int(crc, 16) == zlib.crc32(body.encode())
-        obj = json.loads(body) if ok else None
-    except ValueError:
-        ok = False
-    if not ok or not isinstance(obj, dict) or obj.get("version") != 1:
+    except ChecksumError:
+        obj = None
+    if not isinstance(obj, dict) or obj.get("version") != 1:
         raise MetaError(f"{path.name}: damaged (CRC or JSON)")
     return obj
 

@@ -134,8 +134,9 @@ def padding_to_block(offset: int) -> int:
 def scan(
     data: bytes, number: int, start: int = DATA_START, end: int | None = None
 ) -> Iterator[Record | ScanEnd]:
-    """Frame records from `start`, skipping padding; then one ScanEnd saying where and why
-    the valid data ended."""
+    """Frame records from `start`, skipping padding, up to the first record that is not
+    valid; then one ScanEnd saying where and why the valid data ended. What a record must
+    be to count lives here; what to do after a bad one is reader.py's."""
     pos = start
     end = len(data) if end is None else end
     with memoryview(data) as mv:
@@ -162,6 +163,9 @@ def scan(
                     data, pos + 4
                 )
                 id_end = pos + FRAME_HEAD + id_len
+                if id_end > pos + 8 + length:
+                    yield ScanEnd(pos, "identity longer than its record", False)
+                    return
                 yield Record(
                     number,
                     pos,
@@ -178,43 +182,3 @@ def scan(
                 return
             pos += 8 + length
     yield ScanEnd(min(pos, end), "end of file", True)
-
-
-def resync(data: bytes, start: int) -> int | None:
-    """The first block boundary after `start` where a valid record begins, or None.
-
-    Commits are block-aligned, so after a damaged stretch the next good batch
-    starts on a block boundary."""
-    pos = start - start % BLOCK + BLOCK
-    while pos + PREFIX.size <= len(data):
-        crc, length = PREFIX.unpack_from(data, pos)
-        if (
-            length
-            and pos + 8 + length <= len(data)
-            and zlib.crc32(memoryview(data)[pos + 4 : pos + 8 + length]) == crc
-        ):
-            return pos
-        pos += BLOCK
-    return None
-
-
-def scan_all(data: bytes, number: int, start: int = DATA_START):
-    """Every good record of a damaged segment: scan, and after each bad stretch resync.
-
-    Yields records and ScanEnds; a ScanEnd with clean=False is followed by more
-    records when the segment has good data after the damage."""
-    pos = start
-    while True:
-        end = None
-        for item in scan(data, number, pos):
-            if isinstance(item, ScanEnd):
-                end = item
-                yield item
-                break
-            yield item
-        if end is None or end.clean:
-            return
-        nxt = resync(data, end.offset)
-        if nxt is None:
-            return
-        pos = nxt

@@ -24,14 +24,17 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import mmap
 import os
+import secrets
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -41,23 +44,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from appliance.durable import fsync_dir
+from appliance.durable import fsync_dir, make_dirs
 from appliance.store import meta, wal_dir
 from appliance.store.cursor import Cursor
-from appliance.store.recovery import read_segment_records, write_segment
+from appliance.store.reader import Damage, SegmentReader, read_segment_records
+from appliance.store.recovery import write_segment
 from appliance.store.segment import (
     BLOCK,
-    DATA_START,
     QUARANTINE_SUFFIX,
     SEGMENT_HEADER,
     SEGMENT_MAGIC,
     SUFFIX,
     Record,
-    ScanEnd,
     SegmentError,
     check_header,
-    resync,
-    scan_all,
     segment_name,
     segment_number,
 )
@@ -285,21 +285,18 @@ def _dump_segment_data(path: Path, data, size: int, out: IO[str], salvage: Path 
     out.write(_line(header))
 
     records = bad = 0
-    end = min(DATA_START, size)
-    for item in scan_all(data, number or 0, DATA_START):
-        if isinstance(item, ScanEnd):
-            if item.clean:
-                end = item.offset
-                continue
-            bad += 1
-            skipped_to = resync(data, item.offset)
-            if skipped_to is None:
-                end = item.offset
-            out.write(_line({"offset": item.offset, "bad": item.reason, "skipped_to": skipped_to}))
-            continue
+
+    def damaged(damage: Damage) -> None:
+        nonlocal bad
+        bad += 1
+        stretch = {"offset": damage.offset, "bad": damage.reason, "skipped_to": damage.resumed}
+        out.write(_line(stretch))
+
+    reader = SegmentReader(data, number or 0, report=damaged)
+    for rec in reader.records():
         records += 1
-        end = item.end
-        out.write(_line({"offset": item.offset, **record_json(item)}))
+        out.write(_line({"offset": rec.offset, **record_json(rec)}))
+    end = min(reader.end, size)
     clean = header_ok and not truncated and not bad
     out.write(_line({"records": records, "bad_stretches": bad, "end_offset": end, "clean": clean}))
     if salvage is not None:
@@ -311,19 +308,23 @@ def _dump_segment_data(path: Path, data, size: int, out: IO[str], salvage: Path 
 
 
 def salvage_segment(data, source: int, out: Path, number: int, segment_bytes: int) -> int:
-    """Write the good records of segment data into a new segment `out` numbered `number`
-    (never replacing an existing file); returns how many records it holds."""
-    tmp = out.with_name(f".{out.name}.salvage-tmp")  # not *.wal: the store ignores it
-    good = (item for item in scan_all(data, source, DATA_START) if isinstance(item, Record))
+    """Write every intact record of segment data into a new segment `out` numbered `number`;
+    returns how many records it holds. Never replaces a file nor writes through a link:
+    the copy is made under a fresh temporary name (O_EXCL, O_NOFOLLOW, 0600) and linked
+    to `out`, which fails if anything, a symbolic link included, is there."""
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.salvage-tmp")  # not *.wal
+    good = SegmentReader(data, source).records()
     try:
         write_segment(tmp, number, good, segment_bytes)  # iterated once: any iterable will do
         try:
-            os.link(tmp, out)  # fails if out exists: never overwrite
+            os.link(tmp, out)
         except FileExistsError:
             raise ToolError(f"recover-dump: {out} exists; not overwriting it") from None
-        except OSError:  # a file system without hard links
-            if out.exists():
-                raise ToolError(f"recover-dump: {out} exists; not overwriting it") from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+                raise
+            # a file system without hard links (a FAT stick): a rename does not follow a
+            # link either, though it could replace a file that appeared since the check
             os.rename(tmp, out)
     except OSError as exc:
         raise ToolError(f"recover-dump: cannot write {out}: {exc.strerror or exc}") from None
@@ -444,7 +445,7 @@ def cursor_lock(directory: Path, name: str):
     """One worker per cursor: two would deliver the same frames and move it backwards."""
     path = directory / f"{name}{meta.CURSOR_SUFFIX}.lock"
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         raise ToolError(f"worker: {path}: {exc.strerror or exc}") from None
     try:
@@ -599,7 +600,7 @@ def _exec_handler(command: str) -> Handler:
 
 def _out_handler(directory: Path, name: str) -> Handler:
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        make_dirs(directory)
     except OSError as exc:
         raise ToolError(f"worker: --out {directory}: {exc.strerror or exc}") from None
 
@@ -621,11 +622,30 @@ def _out_handler(directory: Path, name: str) -> Handler:
 
 def _append_lines(path: Path, data: bytes) -> None:
     """Append whole lines and fsync; a torn last line (a crash mid-write, so a batch that
-    was never committed and comes again) is cut off first."""
-    created = not path.exists()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    was never committed and comes again) is cut off first.
+
+    The file is created 0600 and exclusively, and an existing one is appended to only if
+    it is a regular file reached without a symbolic link: someone who can write to the
+    output directory must not make the worker write into another file."""
     try:
-        size = os.fstat(fd).st_size
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        created = True
+    except FileExistsError:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                msg = f"worker: {path} is a symbolic link; not writing through it"
+                raise ToolError(msg) from None
+            raise
+        created = False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ToolError(f"worker: {path} is not a regular file; not writing to it")
+        if st.st_mode & 0o077:
+            os.fchmod(fd, 0o600)  # one an older version made readable by others
+        size = st.st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             keep = _last_line_end(fd, size)
             log.warning("worker: %s: cutting a torn last line (%d bytes)", path, size - keep)

@@ -68,22 +68,27 @@ class SubscriberManager:
             registry.add(ident, "core", module="subscribers", channels=[int(channel)])
 
     def _spawn(self, child: Child) -> None:
+        data_dir = os.path.abspath(self.config.data_dir)
         env = dict(os.environ)
-        env["MODULE_INGEST_DATA_DIR"] = str(self.config.data_dir)
+        env["MODULE_INGEST_DATA_DIR"] = data_dir
+        env[runner.ENV_PARENT] = str(os.getpid())  # it dies with this process, even on SIGKILL
         identity = self.server.registry.get(runner.identity_name(child.name))
         if identity is not None:
             env[runner.ENV_CONNECT] = self.connect
             env[runner.ENV_TOKEN] = crypto.secret_to_token(identity.secret)
-        cmd = [sys.executable, "-m", "appliance"]
+        # -P: the working directory is not on the module path (a planted secrets.py there
+        # would run inside the subscriber); -s: nor is the user's site-packages. PYTHONPATH
+        # stays: the board's launcher finds the application through it.
+        cmd = [sys.executable, "-P", "-s", "-m", "appliance"]
         if self.config.path:
-            cmd += ["--config", self.config.path]
+            cmd += ["--config", os.path.abspath(self.config.path)]
         cmd += ["subscriber", child.name]
         self._close_status(child)
         child.status_fd, status_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         env[runner.ENV_STATUS_FD] = str(status_w)
         try:
             child.proc = subprocess.Popen(
-                cmd, env=env, stdin=subprocess.DEVNULL, pass_fds=(status_w,)
+                cmd, env=env, stdin=subprocess.DEVNULL, pass_fds=(status_w,), cwd=data_dir
             )
         finally:
             os.close(status_w)

@@ -127,15 +127,11 @@ class LogReader:
             return True
         if pos + 8 <= size and data[pos : pos + 8] != bytes(8):
             return self._slow(out, limit)  # a bad record: the cursor skips it and says so
-        return self._next_segment(seg)
-
-    def _next_segment(self, seg: int) -> bool:
-        """At the end of the data of `seg`: on to the next segment if there is one."""
-        later = [n for n, _ in list_segments(self.cursor.directory) if n > seg]
-        if not later:
-            return False
-        self.cursor.position = (later[0], DATA_START)
-        return True
+        if not any(n > seg for n, _ in list_segments(self.cursor.directory)):
+            return False  # the newest segment: more may come
+        # Zeros in a sealed segment are its end, or a lost sector with data after it: the
+        # cursor tells the two apart, and goes on to the next segment itself.
+        return self._slow(out, limit)
 
     def _mapped(self, seg: int) -> mmap.mmap | None:
         """The segment's file, mapped (once per segment); None when it cannot be read

@@ -26,6 +26,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from appliance.children import die_with_parent
 from appliance.client import Client
 from appliance.config import (
     SUBSCRIBER_KEYS,
@@ -55,6 +56,7 @@ BUILTIN = {
 }
 ENV_CONNECT = "MODULE_INGEST_SUBSCRIBER_CONNECT"  # set by the manager: where the daemon listens
 ENV_TOKEN = "MODULE_INGEST_SUBSCRIBER_TOKEN"  # the token of identity subscriber/NAME
+ENV_PARENT = "MODULE_INGEST_SUBSCRIBER_PARENT"  # the daemon's pid: the process dies with it
 ENV_STATUS_FD = "MODULE_INGEST_SUBSCRIBER_STATUS_FD"  # a pipe to the manager: status lines
 IDLE_FLUSH = 1.0  # seconds between flushes while nothing new arrives (held records age)
 STATUS_EVERY = 1.0  # seconds between status lines
@@ -349,6 +351,8 @@ class Runner:
 
 
 def cmd_subscriber(args, config: Config) -> int:
+    if ENV_PARENT in os.environ:  # started by the daemon (by hand it runs on its own)
+        die_with_parent(int(os.environ[ENV_PARENT]))
     name = args.name
     os.umask(0o077)  # whatever a subscriber creates (SQLite files too) is its own: 0600
     # below the daemon: when the CPU is short, ingestion goes first and subscribers fall
