@@ -149,6 +149,8 @@ def _busiest(identities: dict[str, dict]) -> list[str]:
 
 @dataclass(frozen=True)
 class Metric:
+    """One figure: its JSON place, how it is read, and what Prometheus and the summary show."""
+
     key: str  # its place in the JSON snapshot: "wal.commits" is snapshot["wal"]["commits"]
     read: Callable[[Sources], Any]
     families: tuple[Family, ...] = ()  # what Prometheus gets of it
