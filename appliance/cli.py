@@ -19,7 +19,7 @@ from appliance.config import load as load_config
 from appliance.durable import fsync_dir
 from appliance.protocol.crypto import DEFAULT_MACS, MAC_ALGORITHMS, token_to_secret
 from appliance.store import tools
-from appliance.store.recovery import read_records
+from appliance.store.reader import read_records
 from appliance.subscribers import export_cli, query_cli, runner
 from appliance.telemetry import stats_cli
 from hw import fingerprint

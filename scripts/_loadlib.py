@@ -1,18 +1,22 @@
 """Helpers shared by the load generators (scripts/flood, scripts/fleet) and scripts/bench;
-not part of the daemon."""
+not part of the daemon. How a figure is printed is benchkit.report's."""
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import json
 import os
 import resource
 import socket
 
+from benchkit.errors import BenchError
+from benchkit.report import count_text
+
 from appliance.protocol import crypto
 
 
-class LoadError(Exception):
+class LoadError(BenchError):
     """A load generator cannot go on; the message is one line."""
 
 
@@ -24,6 +28,50 @@ def raise_nofile_limit() -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         soft = target
     return soft
+
+
+def add_generator_options(p: argparse.ArgumentParser, each: str) -> None:
+    """The options flood and fleet share: the daemon, the identities (one `each`), the
+    frames, the worker processes, --json."""
+    p.add_argument(
+        "--connect", required=True, metavar="HOST:PORT", help="the daemon (loopback only)"
+    )
+    p.add_argument(
+        "--identities", required=True, metavar="FILE", help=f"JSON {{id: token}}; one {each} each"
+    )
+    p.add_argument(
+        "--connections", type=int, metavar="N", help="use the first N identities (default: all)"
+    )
+    p.add_argument(
+        "--payload", type=int, default=64, metavar="BYTES", help="DATA payload size (default 64)"
+    )
+    p.add_argument("--mac", choices=crypto.MAC_ALGORITHMS, default="hmac-sha256")
+    p.add_argument("--channel", type=int, default=1, metavar="N", help="DATA channel (default 1)")
+    p.add_argument("--procs", type=int, default=1, metavar="P", help="worker processes (default 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--handshake-timeout", type=float, default=60.0, metavar="S", help="default 60")
+
+
+def connection_identities(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The identities of --identities to connect with (--connections of them), once the file
+    descriptors they need are there."""
+    limit = raise_nofile_limit()
+    idents = load_identities(args.identities, args.connections)
+    if len(idents) + 64 > limit:
+        raise LoadError(
+            f"{len(idents)} connections need more file descriptors than RLIMIT_NOFILE {limit}"
+        )
+    return idents
+
+
+def stop_workers(workers: list) -> None:
+    """Wait a little for each (process, pipe) worker to exit, then terminate it."""
+    for proc, pipe in workers:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
+        pipe.close()
 
 
 def load_identities(path: str, count: int | None) -> list[tuple[str, str]]:
@@ -66,11 +114,6 @@ def loopback_address(text: str) -> tuple[str, int]:
 def notify(fd: int | None, word: str) -> None:
     if fd is not None:
         os.write(fd, word.encode() + b"\n")
-
-
-def count_text(mapping: dict[str, int]) -> str:
-    """{code: n} as "code n, code n" (or "none")."""
-    return ", ".join(f"{code} {n}" for code, n in sorted(mapping.items())) or "none"
 
 
 def summary_lines(result: dict) -> list[str]:
@@ -127,14 +170,3 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"{result['closed_by_server']} connections closed by the server")
     lines.append(f"flood CPU: {result['flood_cpu_pct']:.0f}% (100% = one core)")
     return lines
-
-
-def rounded(value: object, digits: int = 3) -> object:
-    """`value` with every float rounded, for JSON output."""
-    if isinstance(value, float):
-        return round(value, digits)
-    if isinstance(value, dict):
-        return {k: rounded(v, digits) for k, v in value.items()}
-    if isinstance(value, list):
-        return [rounded(v, digits) for v in value]
-    return value

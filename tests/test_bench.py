@@ -1,5 +1,5 @@
-"""scripts/bench's fleet modes at a tiny scale: they run to the end and account for every
-frame. Behaviour only: the figures themselves depend on the machine."""
+"""scripts/bench's modes at a tiny scale: they run to the end, account for every frame and
+leave nothing behind. Behaviour only: the figures themselves depend on the machine."""
 
 from __future__ import annotations
 
@@ -12,19 +12,46 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def bench(*args: str) -> dict:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench"), *args, "--json"],
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench"), *args],
         capture_output=True,
         timeout=180,
         check=False,
     )
+
+
+def bench(*args: str) -> dict:
+    proc = run_bench(*args, "--json")
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     return json.loads(proc.stdout)
 
 
+def test_load_acks_every_frame_and_removes_its_temp_dir(tmp_path):
+    r = bench("load", "--connections", "2", "--frames", "500", "--workdir", str(tmp_path))
+    assert r["mode"] == "load"
+    assert r["frames_sent"] == 500
+    assert r["frames_acked_total"] == 500
+    assert r["frames_unacked"] == 0
+    assert r["disk"]["frames"] == 500
+    assert r["daemon"]["exit_code"] == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_old_flag_form_fails_with_one_line_naming_the_subcommand():
+    for old, new in (
+        (["--fleet", "--rate", "200"], "scripts/bench fleet --rate 200"),
+        (["--soak", "10"], "scripts/bench soak 10"),
+        (["--connections", "100"], "scripts/bench load --connections 100"),
+    ):
+        proc = run_bench(*old)
+        assert proc.returncode == 2
+        lines = proc.stderr.decode().splitlines()
+        assert len(lines) == 1 and lines[0].endswith(new), lines
+
+
 def test_fleet_acks_every_frame_and_times_each_one():
-    r = bench("--fleet", "--connections", "20", "--rate", "200", "--duration", "1")
+    r = bench("fleet", "--connections", "20", "--rate", "200", "--duration", "1")
     assert r["frames_sent"] > 0
     assert r["frames_acked_total"] == r["frames_sent"]
     assert r["frames_unacked"] == 0
@@ -34,7 +61,7 @@ def test_fleet_acks_every_frame_and_times_each_one():
 
 
 def test_fleet_restart_loses_nothing_acked_and_stores_nothing_twice():
-    r = bench("--fleet-restart", "--connections", "20", "--rate", "200", "--duration", "1")
+    r = bench("fleet-restart", "--connections", "20", "--rate", "200", "--duration", "1")
     check = r["check"]
     assert check["frames_acked_before_kill"] > 0
     assert check["lost_acked_before_kill"] == 0
@@ -46,7 +73,7 @@ def test_fleet_restart_loses_nothing_acked_and_stores_nothing_twice():
 
 def test_the_store_check_finds_a_lost_and_a_doubled_frame(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    from _fleet import check_store
+    from benchkit.restart import check_store
 
     # core "a": seqs 1-3 ACKed before the kill, 4-5 after; seq 3 is missing, seq 2 twice
     cores = [("a", 3, 5, 5, 0.0, 0.0, 0.0)]

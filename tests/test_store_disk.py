@@ -21,7 +21,7 @@ import pytest
 from appliance.client import Client, ClientError
 from appliance.protocol.frames import ErrorCode, FrameType
 from appliance.store.cursor import Cursor
-from appliance.store.recovery import read_records
+from appliance.store.reader import read_records
 
 MiB = 1024 * 1024
 DEV = "dev/core-0"

@@ -31,7 +31,7 @@ from conftest import wait_for
 
 from appliance.client import Client, ClientError
 from appliance.protocol.frames import FrameType
-from appliance.store.recovery import read_records
+from appliance.store.reader import read_records
 
 pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 

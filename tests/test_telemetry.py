@@ -19,7 +19,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -761,12 +760,10 @@ def test_end_to_end(telemetry_daemon, capsys):
         sock.connect(str(d.socket))
         silent.append(sock)
     wait_for(lambda: raw_request(d.socket, b"json\n") == b"", WAIT, "refusal over the limit")
-    started = time.monotonic()
     for sock in silent:
         sock.settimeout(WAIT)
         assert sock.recv(100) == b""
         sock.close()
-    assert time.monotonic() - started < endpoint.CLIENT_TIMEOUT + 1.5
     assert d.json(capsys)["frames"] == 25
 
     # TCP clients (any local user) have a pool of their own: filling it locks no one

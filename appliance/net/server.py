@@ -73,7 +73,9 @@ class Server(Gate, Loop):
         self.max_payload = srv["max_payload"]
         self.handshake_timeout = srv["handshake_timeout"]
         self.idle_timeout = srv["idle_timeout"]
-        self.recv_bytes = srv["recv_bytes"]
+        # one read must fit in a batch (Store.space), or a small commit_max_bytes would
+        # stop every read for good
+        self.recv_bytes = min(srv["recv_bytes"], store.commit_max_bytes // 2)
         self.max_connections = srv["max_connections"]
         self.admission = Admission(srv["max_handshakes"], srv["max_handshakes_per_source"])
         # pending ring bytes beyond which the loop stops reading (the ring's share of
@@ -111,6 +113,7 @@ class Server(Gate, Loop):
         self.handle_signals()
         poll = self.epoll.poll
         poll_control = self.control.poll
+        control_fd = self.control.fileno()
         conns = self.conns
         tags = self._tags
         store = self.store
@@ -128,12 +131,17 @@ class Server(Gate, Loop):
                 timeout = due - self.now
             events = poll(max(timeout, 0.0), MAX_EVENTS)
             self.now = now = monotonic()
-            for fd, mask in poll_control(0):
-                self._on_control(tags.get(fd), mask)
+            if len(events) == MAX_EVENTS:
+                # busy: the control epoll may be behind thousands of ready sockets
+                for fd, mask in poll_control(0):
+                    self._on_control(tags.get(fd), mask)
             for fd, mask in events:
                 conn = conns.get(fd)
                 if conn is None:
-                    continue  # the control epoll, or a connection closed meanwhile
+                    if fd == control_fd:  # not busy: this poll returned all that is ready
+                        for cfd, cmask in poll_control(0):
+                            self._on_control(tags.get(cfd), cmask)
+                    continue  # or a connection closed meanwhile
                 try:
                     if mask & EPOLLOUT:
                         if conn.phase is Phase.TLS:

@@ -22,14 +22,12 @@ from pathlib import Path
 
 from appliance.durable import fsync_dir, make_dirs
 from appliance.store import meta
-from appliance.store.reader import (  # noqa: F401 - retention.py and cli.py read them from here
+from appliance.store.reader import (
     CHUNK,
     Damage,
     SegmentReader,
     describe,
     first_nonzero,
-    read_records,
-    read_segment_records,
 )
 from appliance.store.segment import (
     BLOCK,

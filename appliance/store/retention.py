@@ -15,7 +15,7 @@ from pathlib import Path
 
 from appliance.durable import fsync_dir
 from appliance.store import meta
-from appliance.store.recovery import read_segment_records
+from appliance.store.reader import read_segment_records
 from appliance.store.segment import list_segments
 
 Log = Callable[..., None]  # log(level, message): the writer's log, sent to the daemon

@@ -253,10 +253,13 @@ class Store:
                 return
         batch = ring.cut()
         self._first_gathered = None
-        marks = list(batch.marks.items())
-        for i in range(0, len(marks), MARKS_CHUNK):
-            self._send(("m", dict(marks[i : i + MARKS_CHUNK])))
-        self._send(("c", batch.start, batch.end, batch.switches, batch.frames))
+        marks = batch.marks
+        if len(marks) > MARKS_CHUNK:  # rare (a large batch): ahead of it, in chunks
+            items = list(marks.items())
+            for i in range(0, len(items), MARKS_CHUNK):
+                self._send(("m", dict(items[i : i + MARKS_CHUNK])))
+            marks = {}
+        self._send(("c", batch.start, batch.end, batch.switches, batch.frames, marks))
         self._inflight = batch.marks
         self._inflight_since = time.monotonic()
 

@@ -14,8 +14,9 @@ takes the next, so a reply always belongs to the last batch sent.
 
 Messages are marshal'd tuples over a SOCK_SEQPACKET socketpair:
 
-    loop -> writer   ("m", {identity: seq})          marks of the next batch (chunked)
-                     ("c", start, end, switches, frames)   commit ring[start:end)
+    loop -> writer   ("m", {identity: seq})          marks of the next batch, when many
+                     ("c", start, end, switches, frames, {identity: seq})
+                                                      commit ring[start:end), its marks
                      ("s",)                           stop: retention, checkpoint, exit
     writer -> loop   ("o", error)                     open: the segment is ready (error None)
                      ("d", end, segment, offset, seconds)  durable up to end
@@ -192,7 +193,8 @@ class Writer:
             if kind == "m":
                 self.marks.update(message[1])
             elif kind == "c":
-                if not self._commit(*message[1:]):
+                self.marks.update(message[5])
+                if not self._commit(*message[1:5]):
                     return
                 self._housekeeping()
             elif kind == "s":
