@@ -490,6 +490,36 @@ def test_prometheus_writes_special_floats_and_subscriber_lags(server):
     assert value(families, "uptime_seconds") == math.inf
 
 
+class Subscribers:
+    """What metrics reads of the subscriber manager: lags() and status()."""
+
+    def lags(self) -> dict[str, int]:
+        return {"archive": 2048, "up": 0}
+
+    def status(self) -> dict[str, dict]:
+        archive = {"type": "archive", "pid": 7, "restarts": 1, "lag_bytes": 2048, "records": 5}
+        up = {"type": "cloud", "pid": None, "restarts": 0, "lag_bytes": 0}
+        return {"archive": archive, "up": {**up, "failing": True, "last_error": "no route"}}
+
+
+def test_subscribers_in_every_rendering(server):
+    snap = metrics.Metrics(server, server.config, Subscribers()).snapshot()
+    assert snap["subscriber_lag_bytes"] == {"archive": 2048, "up": 0}
+    assert snap["subscribers"]["up"]["last_error"] == "no route"
+    families = parse_prometheus(metrics.prometheus(snap))
+    assert value(families, "subscriber_lag_bytes", subscriber="archive") == 2048
+    assert value(families, "subscriber_records_total", subscriber="archive") == 5
+    assert value(families, "subscriber_restarts_total", subscriber="archive") == 1
+    assert value(families, "subscriber_failing", subscriber="up") == 1
+    # a figure a subscriber does not report gets no sample rather than a made-up one
+    assert [labels for labels, _ in families["module_ingest_subscriber_records_total"]] == [
+        {"subscriber": "archive"}
+    ]
+    text = metrics.text(snap)
+    assert "\nsubscribers  archive 2.0 KiB behind, up 0 B behind\n" in text
+    assert "\n             up failing: no route\n" in text
+
+
 def test_text_summary_names_the_figures(server):
     server.counters.update({"frames": 12, "nack.DENIED": 1})
     server.frames_by_identity.update({f"core-{i}": i for i in range(25)})
