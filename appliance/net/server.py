@@ -46,6 +46,7 @@ log = logging.getLogger("appliance.net")
 TICK = 0.25  # registry changes, extension hooks and accept retries are looked at this often
 STOP_GRACE = 1.5  # on SIGTERM: time allowed to commit and ACK before closing anyway
 MAX_EVENTS = 64  # connections per poll: a burst of reads is cut into short iterations
+SLICE = 0.002  # within an iteration, the writer and the control fds are served this often
 # failed handshakes and connections closed before they authenticated: a peer decides how
 # many there are, so they are logged at most once a second, with a count
 UNPROVEN_LOG_EVERY = 1.0
@@ -158,6 +159,13 @@ class Server(Gate, Loop):
                         printable_ident(conn.identity),
                     )
                     self._close(conn)
+                if monotonic() - now > SLICE:
+                    # long reads (a pipelined blast): let the writer start on what gathered,
+                    # and hear its replies, before the rest of this iteration's reads
+                    self.now = now = monotonic()
+                    store.submit(now)
+                    for cfd, cmask in poll_control(0):
+                        self._on_control(tags.get(cfd), cmask)
             store.submit(now)
             for conn in deadlines.due(now):
                 self._on_deadline(conn)

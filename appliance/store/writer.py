@@ -40,6 +40,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -180,12 +181,19 @@ class Writer:
         self._housekeeping(force=True)
 
     def run(self) -> None:
+        # a blocking recv that gives up after HOUSEKEEPING_INTERVAL: one system call per
+        # message instead of a select and a recv
+        seconds = int(HOUSEKEEPING_INTERVAL)
+        micros = int((HOUSEKEEPING_INTERVAL - seconds) * 1e6)
+        self.sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros)
+        )
         while True:
-            ready, _, _ = select.select([self.sock], [], [], HOUSEKEEPING_INTERVAL)
-            if not ready:
+            try:
+                data = self.sock.recv(MESSAGE_MAX)
+            except BlockingIOError:  # the timeout: nothing came
                 self._housekeeping()
                 continue
-            data = self.sock.recv(MESSAGE_MAX)
             if not data:
                 return  # the daemon is gone
             message = marshal.loads(data)
