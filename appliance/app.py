@@ -1,4 +1,8 @@
-"""Wiring and lifecycle of the daemon: data dir, identities, store, loop."""
+"""Wiring and lifecycle of the daemon: data dir, identities, store, loop, extensions.
+
+`build(config)` makes the daemon `module-ingest serve` runs (`.run()`); the tests'
+daemons come from it too. `assemble(config)` is its core alone, for tests in process.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import os
 import resource
 import stat
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.auth.registry import Registry
@@ -17,11 +22,11 @@ from appliance.durable import make_dirs, write_atomic
 from appliance.net.server import Server
 from appliance.store import wal_dir
 from appliance.store.wal import Store
-from appliance.subscribers.manager import install as install_subscribers
+from appliance.subscribers.manager import SubscriberManager
 from appliance.telemetry import endpoint as stats_endpoint
 from appliance.telemetry import gcwatch, logs, metrics
 from hw import notify
-from hw.fingerprint import fingerprint
+from hw.fingerprint import fingerprint as read_fingerprint
 
 log = logging.getLogger("appliance")
 
@@ -103,7 +108,59 @@ STORE_KEYS = (
 )
 
 
-def serve(config: Config) -> int:
+@dataclass
+class Appliance:
+    """A daemon, built: `run()` serves until SIGTERM; `close()` lets go of one never run.
+
+    `assemble` makes the core (nothing listens yet), `build` the whole daemon."""
+
+    config: Config
+    registry: Registry
+    store: Store
+    server: Server
+    addresses: list[tuple[str, int]] = field(default_factory=list)  # bound by `build`
+    notifier: notify.Notifier | None = None
+    collector: gcwatch.GcWatch | None = None
+
+    def run(self) -> int:
+        """Serve until SIGTERM / SIGINT; the exit code."""
+        listening = ", ".join(f"{h}:{p}" for h, p in self.addresses)
+        log.info(
+            "listening on %s (data in %s, %d frames stored)",
+            listening,
+            self.config.data_dir,
+            self.store.frames,
+        )
+        gcwatch.settle()
+        if self.collector is not None:
+            self.server.sweep_hooks.append(self.collector.tick)
+        if self.notifier is not None:
+            # READY=1: recovered and listening; where, for whoever started us on port 0
+            self.notifier.ready(X_LISTEN=listening)
+        return self.server.run()
+
+    def close(self) -> None:
+        """Release the server and the store of a daemon that will not run."""
+        self.server.close()
+        self.store.close()
+
+
+def assemble(config: Config) -> Appliance:
+    """The registry, the store and the server on them. Nothing listens yet and nothing
+    process-wide (logging, signals, the collector) is touched, so a test can assemble
+    one in its own process; `close()` it after."""
+    registry = Registry(registry_path(config.data_dir))
+    registry.load()
+    ensure_dev_identity(config, registry)
+    store = open_store(config)
+    return Appliance(config, registry, store, Server(config, registry, store))
+
+
+def build(config: Config, *, fingerprint: str | None = None) -> Appliance:
+    """The daemon `serve` runs: the process set up, the core assembled, the listeners
+    open, and the extensions (stats, subscribers, console, sd_notify) in the loop.
+
+    `fingerprint` replaces the board's in the console (tests: a fixed one)."""
     ensure_data_dir(config.data_dir)  # first: the log file may live in it
     log_buffer = logs.setup(config)  # from here on every event is one structured line
     collector = gcwatch.install()
@@ -114,34 +171,27 @@ def serve(config: Config) -> int:
             limit,
             config.server["max_connections"],
         )
-    registry = Registry(registry_path(config.data_dir))
-    registry.load()
-    ensure_dev_identity(config, registry)
-    store = open_store(config)
-    server = Server(config, registry, store)
-    addresses = server.bind()
+    daemon = assemble(config)
+    server = daemon.server
+    daemon.addresses = server.bind()
     server.handle_signals()
-    stats_endpoint.install(server, config)
-    subscribers = install_subscribers(server, config, addresses[0])
+    subscribers = None
+    if config.subscribers:
+        subscribers = SubscriberManager(server, config, daemon.addresses[0])
+    figures = metrics.Metrics(server, config, subscribers)
+    stats_endpoint.install(server, config, figures)
     if subscribers is not None:
-        server.subscriber_lags = subscribers.lags
-    fp = fingerprint()  # once: getmac can be slow, and the console runs in the loop
+        subscribers.start()  # after the stats endpoint: its hooks run after the endpoint's
+    if fingerprint is None:
+        fingerprint = read_fingerprint()  # once: getmac can be slow, the console is in the loop
     install_console(
         server,
         config,
-        stats=lambda: metrics.text(metrics.snapshot(server)),
+        stats=figures.text,
         log_lines=log_buffer.lines,
-        fingerprint=lambda: fp,
+        fingerprint=lambda: fingerprint,
         subscribers=subscribers.describe if subscribers is not None else None,
     )
-    notifier = notify.install(server, config)
-    log.info(
-        "listening on %s (data in %s, %d frames stored)",
-        ", ".join(f"{h}:{p}" for h, p in addresses),
-        config.data_dir,
-        store.frames,
-    )
-    gcwatch.settle()
-    server.sweep_hooks.append(collector.tick)
-    notifier.ready()  # READY=1: recovered and listening
-    return server.run()
+    daemon.notifier = notify.install(server, config)
+    daemon.collector = collector
+    return daemon

@@ -43,7 +43,7 @@ def _registry(config) -> Registry:
 
 def cmd_serve(args, config) -> int:
     runner.check_subscribers(config)  # before anything starts: a bad table is one line
-    return app.serve(config)
+    return app.build(config).run()
 
 
 def cmd_config_show(args, config) -> int:

@@ -16,7 +16,8 @@ the data path make progress:
 
 - the selector loop: the ping is sent from a sweep hook, so a wedged loop
   sends nothing; no separate check is needed;
-- the commit path: `store.stalled_for(now)` below `[watchdog] stall_seconds`.
+- the commit path: the commit in flight (the server's snapshot, `store.stalled_seconds`)
+  younger than `[watchdog] stall_seconds`.
 
 When either stops, the pings stop, and systemd kills and restarts the daemon
 after WatchdogSec (Restart=on-failure covers the watchdog), or the hardware
@@ -30,8 +31,12 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from hw.watchdog import WatchdogDevice
+
+if TYPE_CHECKING:
+    from appliance.net.snapshot import Snapshot
 
 log = logging.getLogger("hw.notify")
 
@@ -87,11 +92,12 @@ class Notifier:
             lines.append(f"{name}={text}")
         return self.send_raw("\n".join(lines))
 
-    def ready(self) -> bool:
-        """READY=1 with the current STATUS=: call once recovery is done and the listeners listen."""
+    def ready(self, **fields: object) -> bool:
+        """READY=1 with the current STATUS= and `fields` (custom ones start with X_, as
+        sd_notify(3) asks): call once recovery is done and the listeners listen."""
         if self.describe is None:
-            return self.send(READY=1)
-        return self.send(READY=1, STATUS=self.describe())
+            return self.send(READY=1, **fields)
+        return self.send(READY=1, STATUS=self.describe(), **fields)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -117,7 +123,7 @@ def watchdog_interval() -> float | None:
     return int(usec) / 1e6
 
 
-def commit_healthy(store, now: float, stall_seconds: float) -> bool:
+def commit_healthy(snapshot: Snapshot, stall_seconds: float) -> bool:
     """Whether the commit path makes progress, for the watchdog.
 
     A commit that has not returned for `stall_seconds` is wedged: the committer
@@ -134,11 +140,11 @@ def commit_healthy(store, now: float, stall_seconds: float) -> bool:
     stays reachable for the operator who frees space. A restart would not free a
     single byte: it would only drop every core's connection and replay recovery,
     again and again. The store clears `commit_started` while it waits to retry
-    and sets it again for each attempt, so `stalled_for` counts only a write
+    and sets it again for each attempt, so `stalled_seconds` counts only a write
     that has not returned: a failing disk keeps the pings going, a hung one
     stops them.
     """
-    return store.stalled_for(now) < stall_seconds
+    return snapshot.store.stalled_seconds < stall_seconds
 
 
 class _Supervisor:
@@ -162,31 +168,34 @@ class _Supervisor:
         self.last_ping = float("-inf")
         self.next_status = now + STATUS_INTERVAL
         self.rate_since = now
-        self.rate_frames = server.counters["frames"]
+        self.rate_frames = server.snapshot().counters["frames"]
         self.rate = 0.0
         self.healthy = True
         self.stopping_sent = False
 
-    def status(self) -> str:
+    def status(self, snap: Snapshot | None = None) -> str:
+        """The STATUS= line, from `snap` (the server's snapshot) or one taken now."""
+        if snap is None:
+            snap = self.server.snapshot()
         now = time.monotonic()
-        frames = self.server.counters["frames"]
+        frames = snap.counters["frames"]
         if now - self.rate_since >= 0.5:  # a shorter window says more about noise than rate
             self.rate = (frames - self.rate_frames) / (now - self.rate_since)
             self.rate_since, self.rate_frames = now, frames
-        text = f"{len(self.server.conns)} connections, {self.rate:.1f} frames/s"
-        store = self.server.store
+        text = f"{snap.connections} connections, {self.rate:.1f} frames/s"
+        store = snap.store
         if store.commit_error is not None:
             text += f"; storage error: {store.commit_error}, retrying (new frames get BUSY)"
         elif not self.healthy:
-            text += f"; commit stalled for {store.stalled_for(now):.1f} s, watchdog pings withheld"
-        if self.server.stopping:
+            text += f"; commit stalled for {store.stalled_seconds:.1f} s, watchdog pings withheld"
+        if snap.stopping:
             text += "; stopping"
         return text
 
     def sweep(self, now: float) -> None:
         # This hook runs in the loop: its running at all is the loop's half of the health check.
-        store = self.server.store
-        healthy = commit_healthy(store, now, self.stall_seconds)
+        snap = self.server.snapshot()
+        healthy = commit_healthy(snap, self.stall_seconds)
         fields: dict[str, object] = {}
         if healthy != self.healthy:
             self.healthy = healthy
@@ -196,7 +205,7 @@ class _Supervisor:
                 log.error(
                     "watchdog: a commit has not returned for %.1f s (stall_seconds %.1f); "
                     "withholding watchdog pings",
-                    store.stalled_for(now),
+                    snap.store.stalled_seconds,
                     self.stall_seconds,
                 )
             self.next_status = now  # say so in STATUS= at once
@@ -206,12 +215,12 @@ class _Supervisor:
             if self.ping_every is not None and now - self.last_ping >= self.ping_every:
                 fields["WATCHDOG"] = 1
                 self.last_ping = now
-        if self.server.stopping and not self.stopping_sent:
+        if snap.stopping and not self.stopping_sent:
             fields["STOPPING"] = 1
             self.stopping_sent = True
             self.next_status = now
         if now >= self.next_status:
-            fields["STATUS"] = self.status()
+            fields["STATUS"] = self.status(snap)
             self.next_status = now + STATUS_INTERVAL
         if fields:
             self.notifier.send(**fields)

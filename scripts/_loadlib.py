@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import math
 import os
 import resource
 import socket
@@ -110,11 +109,6 @@ def loopback_address(text: str) -> tuple[str, int]:
     if not ipaddress.ip_address(addr).is_loopback:
         raise LoadError(f"--connect {text}: the load generators only target loopback addresses")
     return addr, int(port)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile of sorted `values`."""
-    return values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))]
 
 
 def notify(fd: int | None, word: str) -> None:

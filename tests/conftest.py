@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import re
+import select
 import signal
 import socket
 import subprocess
@@ -15,7 +16,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LISTENING = re.compile(r"listening on ([0-9.]+):(\d+)")
 START_TIMEOUT = 15.0
 
 
@@ -74,8 +74,78 @@ def stats_json(data_dir: Path) -> dict:
     return json.loads(result.stdout)
 
 
+class NotifySocket:
+    """The systemd side of sd_notify: a bound AF_UNIX datagram socket, messages as dicts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # a previous start's
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+
+    def receive(self, timeout: float) -> tuple[float, dict[str, str]] | None:
+        if not select.select([self.sock], [], [], max(0.0, timeout))[0]:
+            return None
+        data = self.sock.recv(4096)
+        fields = dict(line.split("=", 1) for line in data.decode().split("\n") if line)
+        return time.monotonic(), fields
+
+    def wait(self, predicate, timeout: float, what: str) -> tuple[float, dict[str, str]]:
+        """The first message from now on that satisfies `predicate`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self.receive(deadline - time.monotonic())
+            if message is None:
+                raise AssertionError(f"no {what} within {timeout} s")
+            if predicate(message[1]):
+                return message
+
+    def wait_ready(self, proc: subprocess.Popen, timeout: float = START_TIMEOUT) -> dict | None:
+        """The READY=1 message of the daemon `proc`; None if it exited or the time ran out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = self.receive(0.05)
+            if message is not None and message[1].get("READY") == "1":
+                return message[1]
+            if proc.poll() is not None:
+                return None
+        return None
+
+    def collect(self, until: float) -> list[tuple[float, dict[str, str]]]:
+        """Every message until the monotonic time `until`."""
+        messages = []
+        while (message := self.receive(until - time.monotonic())) is not None:
+            messages.append(message)
+        return messages
+
+    def drain(self) -> None:
+        while self.receive(0) is not None:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def notify_env(path: Path) -> dict[str, str]:
+    """The environment of a daemon that tells `path` it is ready, and nothing else of
+    systemd's: no watchdog a test did not ask for."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
+    env["NOTIFY_SOCKET"] = str(path)
+    return env
+
+
+def listen_address(ready: dict[str, str]) -> tuple[str, int]:
+    """The first listener's host and port, from the READY=1 message's X_LISTEN."""
+    host, _, port = ready["X_LISTEN"].split(", ")[0].rpartition(":")
+    return host, int(port)
+
+
 class Daemon:
-    """`module-ingest serve` as a subprocess; the first start picks a port, restarts keep it."""
+    """`module-ingest serve` as a subprocess; the first start picks a port, restarts keep it.
+
+    `start` returns once the daemon sent READY=1 to its own $NOTIFY_SOCKET (`notify`, in
+    the temp dir, open until `stop` or `kill`), as systemd would see it."""
 
     def __init__(self, data_dir: Path, config_text: str = "") -> None:
         self.data_dir = data_dir
@@ -88,10 +158,14 @@ class Daemon:
         self.extra_env: dict[str, str] = {}
         self.command = [sys.executable, "-m", "appliance", "serve"]  # or a test's own runner
         self.cwd: Path | None = None  # the daemon's working directory (None: the tests')
+        self.notify: NotifySocket | None = None
+        self.ready: dict[str, str] = {}  # the last start's READY=1 message
 
     def start(self) -> Daemon:
+        self._close_notify()
+        self.notify = NotifySocket(self.data_dir.with_suffix(".notify"))
         env = dict(
-            os.environ,
+            notify_env(self.notify.path),
             PYTHONPATH=str(ROOT),
             MODULE_INGEST_DATA_DIR=str(self.data_dir),
             MODULE_INGEST_LISTEN=f"{self.host}:{self.port}",
@@ -102,16 +176,14 @@ class Daemon:
         offset = log.tell()
         self.proc = self.spawn(env, log)
         log.close()
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            text = self.log_path.read_bytes()[offset:].decode(errors="replace")
-            match = LISTENING.search(text)
-            if match:
-                self.port = int(match.group(2))
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{text}")
-            time.sleep(0.02)
+        ready = self.notify.wait_ready(self.proc)
+        if ready is not None:
+            self.ready = ready
+            self.port = listen_address(ready)[1]
+            return self
+        text = self.log_path.read_bytes()[offset:].decode(errors="replace")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{text}")
         self.proc.kill()
         raise RuntimeError(f"daemon did not start:\n{self.log()}")
 
@@ -125,6 +197,11 @@ class Daemon:
             env=env,
             cwd=self.cwd,
         )
+
+    def _close_notify(self) -> None:
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -152,12 +229,14 @@ class Daemon:
             return self.proc.wait(timeout)
         finally:
             self.proc = None
+            self._close_notify()
 
     def kill(self) -> None:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+        self._close_notify()
 
 
 @pytest.fixture

@@ -2,9 +2,10 @@
 driven through a real pty pair.
 
 The shell gets real collaborators: a Registry in tmp_path, plain functions for the
-callables, and a settable clock. The end-to-end tests run a small program (RUNNER) that
-builds the daemon the way appliance.app.serve does and installs the console on the slave
-side of a pty; the test types on the master side, as a terminal on a serial line would.
+callables, and a settable clock. The end-to-end tests run the daemon appliance.app.build
+makes (RUNNER: with a fixed fingerprint, the board's being unknown here), its console on
+the slave side of a pty; the test types on the master side, as a terminal on a serial
+line would.
 """
 
 from __future__ import annotations
@@ -23,15 +24,13 @@ from pathlib import Path
 import pytest
 from conftest import Daemon, wait_for
 
-from appliance import __version__
+from appliance import __version__, app
 from appliance.auth.registry import Registry
 from appliance.client import Client, ClientError
 from appliance.config import load as load_config
 from appliance.console import shell as shell_mod
 from appliance.console.serial_port import install
 from appliance.console.shell import ConsoleContext, Shell, context_for
-from appliance.net.server import Server
-from appliance.store.wal import Store
 
 FP = "sha256:" + "ab" * 32
 PROMPT = b"module-ingest> "
@@ -490,14 +489,16 @@ def test_printable_noise_runs_only_unknown_commands(fx, tokens):
 
 
 def test_context_for_a_real_server(tmp_path, tokens):
-    data = tmp_path / "data"
-    config = load_config(environ={"MODULE_INGEST_DATA_DIR": str(data)})
-    registry = Registry(tmp_path / "identities.json")
-    store = Store(data / "wal", segment_bytes=1024 * 1024, ring_bytes=1024 * 1024)
-    store.open()
-    server = Server(config, registry, store)
+    config_path = tmp_path / "config.toml"
+    config_path.write_text(
+        "[storage]\nsegment_bytes = 1048576\nring_bytes = 1048576\nquota_bytes = 8388608\n"
+        "[auth]\ndev_identity = false\n"
+    )
+    config = load_config(config_path, environ={"MODULE_INGEST_DATA_DIR": str(tmp_path)})
+    daemon = app.assemble(config)  # its registry is the `tokens` one: tmp_path/identities.json
+    store = daemon.store
     try:
-        ctx = context_for(server, fingerprint=lambda: FP)
+        ctx = context_for(daemon.server, fingerprint=lambda: FP)
         status = dict(ctx.status())
         assert status["connections"] == "0 (0 authenticated)"
         assert status["frames"] == "0 received since start"
@@ -505,9 +506,10 @@ def test_context_for_a_real_server(tmp_path, tokens):
         assert status["commit error"] == "none"
         assert re.fullmatch(r"\d\d:\d\d:\d\d", status["uptime"])
         queue = dict(ctx.queue())
-        assert queue["segments"] == f"1 in {data / 'wal'}"
+        assert queue["segments"] == f"1 in {tmp_path / 'wal'}"
         assert queue["frames"] == "0 (0 since start)"
         assert queue["bytes on disk"] == store.bytes_on_disk
+        assert queue["quota bytes"] == 8388608
         assert ctx.clients() == []
         assert ctx.kick("alice") is False
         shell = Shell(ctx)
@@ -517,9 +519,7 @@ def test_context_for_a_real_server(tmp_path, tokens):
         assert b"revoked bob" in shell.feed(b"revoke bob\r")
         assert Registry(tmp_path / "identities.json").get("bob").revoked
     finally:
-        store.close()
-        server.control.close()
-        server.epoll.close()
+        daemon.close()
 
 
 def test_install_without_a_port_is_off(tmp_path):
@@ -530,51 +530,14 @@ def test_install_without_a_port_is_off(tmp_path):
 
 # -- end to end: the real daemon on a real pty ----------------------------------------
 
-RUNNER = r'''
-"""Builds the daemon like appliance.app.serve, with the console on [console] port."""
-import collections
-import logging
+RUNNER = f"""
 import sys
 
 from appliance import app
-from appliance.auth.registry import Registry
 from appliance.config import load
-from appliance.console.serial_port import install
-from appliance.net.server import Server
 
-recent = collections.deque(maxlen=1000)
-
-
-class Recent(logging.Handler):
-    def emit(self, record):
-        recent.append(self.format(record))
-
-
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-handler = Recent()
-handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-logging.getLogger().addHandler(handler)
-
-config = load(sys.argv[1])
-app.ensure_data_dir(config.data_dir)
-registry = Registry(app.registry_path(config.data_dir))
-registry.load()
-app.ensure_dev_identity(config, registry)
-store = app.open_store(config)
-server = Server(config, registry, store)
-addresses = server.bind()
-install(
-    server,
-    config,
-    stats=lambda: f"frames {server.counters['frames']}\nconnections {len(server.conns)}",
-    log_lines=lambda n: list(recent)[-n:],
-    fingerprint=lambda: "sha256:" + "ab" * 32,
-)
-logging.getLogger("appliance").info(
-    "listening on %s", ", ".join(f"{h}:{p}" for h, p in addresses)
-)
-server.run()
-'''
+sys.exit(app.build(load(), fingerprint="{FP}").run())
+"""
 
 
 class Terminal:
@@ -644,8 +607,8 @@ class Terminal:
 
 
 class ConsoleDaemon(Daemon):
-    """The daemon with its console on `port`, built by RUNNER (a fixed fingerprint and
-    stats text, so the console's answers can be checked to the letter)."""
+    """The daemon with its console on `port`, run by RUNNER (a fixed fingerprint, so the
+    console's answers can be checked to the letter)."""
 
     def __init__(self, tmp_path: Path, port: str, idle_logout: float = 300.0) -> None:
         config = (
@@ -659,7 +622,7 @@ class ConsoleDaemon(Daemon):
         super().__init__(tmp_path / "data", config)
         runner = tmp_path / "runner.py"
         runner.write_text(RUNNER)
-        self.command = [sys.executable, str(runner), str(self.config)]
+        self.command = [sys.executable, str(runner)]
 
     def client(self, token: str | None = None) -> Client:
         return Client("127.0.0.1", self.port, "dev/core-0", token or self.dev_token, timeout=WAIT)
@@ -724,7 +687,8 @@ def test_console_over_a_pty_against_the_real_daemon(console_factory, pty_pair):
         assert re.search(r"alice\s+user\s+-\s+-\s+admin", identities)
         assert re.search(r"dev/core-0\s+core\s+dev\s+1-8\s+-", identities)
         assert token not in identities and daemon.dev_token not in identities
-        assert "frames 1" in term.run("stats")
+        stats = term.run("stats")
+        assert re.search(r"\r\nframes +1 stored, .*\r\nconnections +1 open, 1 authenticated", stats)
         assert re.search(r"segments:\s+1 in ", term.run("queue"))
         assert term.run("fingerprint") == FP + "\r\n"
         assert term.run("kick dev/core-0") == "kicked dev/core-0\r\n"

@@ -955,6 +955,7 @@ def tls_daemon(daemon_factory, tmp_path):
     assert matches, d.log()
     _, port, _, tls_port = matches[-1]
     assert int(port) == d.port
+    assert d.ready["X_LISTEN"] == f"127.0.0.1:{port}, 127.0.0.1:{tls_port}"  # READY=1 says so too
     return d, int(tls_port), str(cert)
 
 

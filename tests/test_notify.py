@@ -1,29 +1,27 @@
 """sd_notify and the watchdog: a real daemon, a real AF_UNIX datagram socket as NOTIFY_SOCKET.
 
-The daemon is a small runner built the way appliance.app.serve builds it, with
-hw.notify.install and ready() added. To wedge the commit path it wraps the
-store's `_write` so the commit thread blocks in a real blocking call (opening
-and reading a FIFO) until the test writes to the FIFO; to fill the disk, each
-commit attempt first writes to /dev/full (a real ENOSPC) while a flag file exists.
+The daemon is appliance.app.build's, run by a small runner that first wraps the
+store writer's `_write` (the writer is a forked process, so it inherits the
+wrapper): to wedge the commit path, the first commit blocks in a real blocking
+call (opening and reading a FIFO) until the test writes to the FIFO; to fill the
+disk, each commit attempt first writes to /dev/full (a real ENOSPC) while a flag
+file exists.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
-import select
 import signal
 import socket
-import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, wait_for
+from conftest import Daemon, wait_for
 
 from appliance.client import Client
 from appliance.protocol import crypto
@@ -34,27 +32,16 @@ from hw import notify
 WATCHDOG_USEC = 500_000  # systemd's WatchdogSec=0.5s: a ping every 0.25 s (every sweep)
 STALL = 1.0  # [watchdog] stall_seconds
 SLACK = 0.75  # the sweep period, a commit that starts a little after the send, scheduling
-START_TIMEOUT = 15.0
 STATUS_RE = re.compile(r"(\d+) connections, ([0-9.]+) frames/s")
 
 RUNNER = """
-import logging
 import os
 import sys
 
 from appliance import app
-from appliance.auth.registry import Registry
 from appliance.config import load
-from appliance.net.server import Server
 from appliance.store.writer import Writer
-from hw import notify
 
-logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(name)s: %(message)s")
-config = load()
-app.ensure_data_dir(config.data_dir)
-registry = Registry(app.registry_path(config.data_dir))
-registry.load()
-app.ensure_dev_identity(config, registry)
 wedge_fifo = os.environ.get("TEST_WEDGE_FIFO")
 disk_full = os.environ.get("TEST_DISK_FULL_FLAG")
 real_write = Writer._write  # runs in the store's writer process, which inherits this
@@ -76,54 +63,8 @@ def _write(*args, **kwargs):
 
 
 Writer._write = _write
-store = app.open_store(config)
-server = Server(config, registry, store)
-host, port = server.bind()[0]
-notifier = notify.install(server, config)
-print(f"listening on {host}:{port}", flush=True)
-notifier.ready()
-sys.exit(server.run())
+sys.exit(app.build(load()).run())
 """
-
-
-class NotifyListener:
-    """The systemd side of sd_notify: a bound AF_UNIX datagram socket, messages as dicts."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-
-    def receive(self, timeout: float) -> tuple[float, dict[str, str]] | None:
-        if not select.select([self.sock], [], [], max(0.0, timeout))[0]:
-            return None
-        data = self.sock.recv(4096)
-        fields = dict(line.split("=", 1) for line in data.decode().split("\n") if line)
-        return time.monotonic(), fields
-
-    def wait(self, predicate, timeout: float, what: str) -> tuple[float, dict[str, str]]:
-        """The first message from now on that satisfies `predicate`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            message = self.receive(deadline - time.monotonic())
-            if message is None:
-                raise AssertionError(f"no {what} within {timeout} s")
-            if predicate(message[1]):
-                return message
-
-    def collect(self, until: float) -> list[tuple[float, dict[str, str]]]:
-        """Every message until the monotonic time `until`."""
-        messages = []
-        while (message := self.receive(until - time.monotonic())) is not None:
-            messages.append(message)
-        return messages
-
-    def drain(self) -> None:
-        while self.receive(0) is not None:
-            pass
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def is_ping(fields: dict[str, str]) -> bool:
@@ -134,25 +75,31 @@ def pings(messages) -> list[float]:
     return [t for t, fields in messages if is_ping(fields)]
 
 
-class Runner:
-    def __init__(self, tmp_path: Path, proc: subprocess.Popen, log: Path) -> None:
-        self.tmp_path = tmp_path
-        self.proc = proc
-        self.log = log
-        self.data_dir = tmp_path / "data"
-        self.fifo = tmp_path / "wedge.fifo"
-        self.device = tmp_path / "watchdog"
-        self.full_flag = tmp_path / "disk-is-full"
+class Runner(Daemon):
+    """The daemon RUNNER builds, with a watchdog device (a plain file stands in for
+    /dev/watchdog) and systemd's watchdog expecting a ping every WATCHDOG_USEC."""
 
-    @property
-    def port(self) -> int:
-        match = re.search(r"listening on [0-9.]+:(\d+)", self.log.read_text())
-        assert match, self.log.read_text()
-        return int(match.group(1))
+    def __init__(self, tmp_path: Path, *, wedge: bool = False, disk_full: bool = False) -> None:
+        self.device = tmp_path / "watchdog"
+        self.device.write_bytes(b"")
+        super().__init__(
+            tmp_path / "data",
+            f'[watchdog]\nstall_seconds = {STALL}\ndevice = "{self.device}"\n',
+        )
+        runner = tmp_path / "runner.py"
+        runner.write_text(RUNNER)
+        self.command = [sys.executable, str(runner)]
+        self.fifo = tmp_path / "wedge.fifo"
+        self.full_flag = tmp_path / "disk-is-full"
+        self.extra_env["WATCHDOG_USEC"] = str(WATCHDOG_USEC)
+        if wedge:
+            os.mkfifo(self.fifo)
+            self.extra_env["TEST_WEDGE_FIFO"] = str(self.fifo)
+        if disk_full:
+            self.extra_env["TEST_DISK_FULL_FLAG"] = str(self.full_flag)
 
     def client(self) -> Client:
-        token = json.loads((self.data_dir / "dev-credentials.json").read_text())["token"]
-        return Client("127.0.0.1", self.port, "dev/core-0", token, timeout=10)
+        return Client(self.host, self.port, "dev/core-0", self.dev_token, timeout=10)
 
     def state(self) -> str:
         """The process state letter from /proc (R, S, T for stopped, ...)."""
@@ -161,67 +108,19 @@ class Runner:
 
 
 @pytest.fixture
-def listener(tmp_path):
-    sock = NotifyListener(tmp_path / "notify.sock")
-    yield sock
-    sock.close()
+def start_runner(tmp_path):
+    """Start the runner daemon (it returns once READY=1 came); it is killed at the end
+    (also when stopped or wedged: SIGKILL ends a stopped process too)."""
+    started: list[Runner] = []
 
-
-@pytest.fixture
-def start_runner(tmp_path, listener):
-    """Start the runner daemon; it is killed at the end (also when stopped or wedged)."""
-    started: list[subprocess.Popen] = []
-
-    def start(*, wedge: bool = False, disk_full: bool = False) -> Runner:
-        (tmp_path / "runner.py").write_text(RUNNER)
-        device = tmp_path / "watchdog"
-        device.write_bytes(b"")  # a plain file stands in for /dev/watchdog
-        config = tmp_path / "config.toml"
-        config.write_text(
-            f'[server]\nlisten = "127.0.0.1:0"\n\n'
-            f'[watchdog]\nstall_seconds = {STALL}\ndevice = "{device}"\n'
-        )
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("MODULE_INGEST_", "NOTIFY_", "WATCHDOG_", "TEST_"))
-        }
-        env.update(
-            PYTHONPATH=str(ROOT),
-            MODULE_INGEST_CONFIG=str(config),
-            MODULE_INGEST_DATA_DIR=str(tmp_path / "data"),
-            NOTIFY_SOCKET=str(listener.path),
-            WATCHDOG_USEC=str(WATCHDOG_USEC),
-        )
-        if wedge:
-            os.mkfifo(tmp_path / "wedge.fifo")
-            env["TEST_WEDGE_FIFO"] = str(tmp_path / "wedge.fifo")
-        if disk_full:
-            env["TEST_DISK_FULL_FLAG"] = str(tmp_path / "disk-is-full")
-        log = tmp_path / "runner.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, str(tmp_path / "runner.py")],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
-        started.append(proc)
-        return Runner(tmp_path, proc, log)
+    def start(**faults: bool) -> Runner:
+        runner = Runner(tmp_path, **faults)
+        started.append(runner)
+        return runner.start()
 
     yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()  # SIGKILL ends a stopped process too
-            proc.wait()
-
-
-def wait_ready(listener: NotifyListener, runner: Runner) -> dict[str, str]:
-    try:
-        return listener.wait(lambda f: "READY" in f, START_TIMEOUT, "READY=1")[1]
-    except AssertionError:
-        raise AssertionError(f"no READY=1; runner log:\n{runner.log.read_text()}") from None
+    for runner in started:
+        runner.kill()
 
 
 def probe_ping(port: int) -> bool:
@@ -242,11 +141,13 @@ def probe_ping(port: int) -> bool:
 # -- the daemon over NOTIFY_SOCKET --------------------------------------------------
 
 
-def test_ready_status_pings_and_stopping(start_runner, listener):
+def test_ready_status_pings_and_stopping(start_runner):
     runner = start_runner()
-    ready = wait_ready(listener, runner)
+    listener = runner.notify
+    ready = runner.ready
     assert ready["READY"] == "1"
     assert STATUS_RE.fullmatch(ready["STATUS"]), ready
+    assert ready["X_LISTEN"] == f"127.0.0.1:{runner.port}"
     # READY=1 comes after listen: the listener accepts, and the loop greets with a CHALLENGE
     with socket.create_connection(("127.0.0.1", runner.port), timeout=5) as sock:
         sock.settimeout(5)
@@ -277,15 +178,15 @@ def test_ready_status_pings_and_stopping(start_runner, listener):
 
     runner.proc.send_signal(signal.SIGTERM)
     listener.wait(lambda f: f.get("STOPPING") == "1", 5, "STOPPING=1")
-    assert runner.proc.wait(10) == 0, runner.log.read_text()
+    assert runner.proc.wait(10) == 0, runner.log()
     # a clean stop ends with the magic close "V": the driver disarms instead of resetting
     written = runner.device.read_bytes()
     assert written.endswith(b"V") and written[:-1].strip(b"\0") == b""
 
 
-def test_wedged_commit_stops_the_pings(start_runner, listener):
+def test_wedged_commit_stops_the_pings(start_runner):
     runner = start_runner(wedge=True)
-    wait_ready(listener, runner)
+    listener = runner.notify
     listener.wait(is_ping, 2, "WATCHDOG=1")
     core = runner.client()
     core.connect()
@@ -319,10 +220,10 @@ def test_wedged_commit_stops_the_pings(start_runner, listener):
     core.close()
 
 
-def test_disk_full_is_not_a_wedge(start_runner, listener):
+def test_disk_full_is_not_a_wedge(start_runner):
     """ENOSPC makes the commit retry (commit_error set): pings go on, new frames get BUSY."""
     runner = start_runner(disk_full=True)
-    wait_ready(listener, runner)
+    listener = runner.notify
     runner.full_flag.write_text("")
     core = runner.client()
     core.connect()
@@ -338,9 +239,9 @@ def test_disk_full_is_not_a_wedge(start_runner, listener):
     core.close()
 
 
-def test_wedged_loop_stops_the_pings(start_runner, listener):
+def test_wedged_loop_stops_the_pings(start_runner):
     runner = start_runner()
-    wait_ready(listener, runner)
+    listener = runner.notify
     listener.wait(is_ping, 2, "WATCHDOG=1")
     os.kill(runner.proc.pid, signal.SIGSTOP)
     wait_for(lambda: runner.state() == "T", 5, "the daemon to be stopped")

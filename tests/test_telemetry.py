@@ -1,9 +1,8 @@
 """Telemetry: log formatting, the log buffer, metrics renderings, and the stats endpoint.
 
 The unit tests use real loggers, a real Store and a real (unbound) Server. The
-end-to-end test starts a daemon wired the way appliance.app.serve wires it plus
-the telemetry (logs.setup, endpoint.install), streams frames with the client
-library, and reads the stats socket through stats_cli.
+end-to-end test starts the daemon (`module-ingest serve`), streams frames with the
+client library, and reads the stats socket through stats_cli.
 """
 
 from __future__ import annotations
@@ -23,15 +22,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, wait_for
+from conftest import ROOT, NotifySocket, listen_address, notify_env, wait_for
 
-from appliance import __version__
-from appliance.auth.registry import Registry
+from appliance import __version__, app
 from appliance.client import Client
 from appliance.config import load
-from appliance.net.server import Server
-from appliance.store.wal import Store
 from appliance.telemetry import endpoint, logs, metrics, stats_cli
+from appliance.telemetry.figures import duration, percentile
 from appliance.telemetry.logs import BufferHandler, LogBuffer, StructuredFormatter
 from appliance.telemetry.metrics import RateMeter
 
@@ -374,11 +371,22 @@ def test_rate_meter_history_is_bounded():
 
 
 def test_percentile_is_nearest_rank():
-    assert metrics.percentile([], 50) is None
-    assert metrics.percentile([1.0], 99) == 1.0
+    assert percentile([], 50) is None
+    assert percentile([1.0], 99) == 1.0
     values = [float(i) for i in range(1, 101)]
-    assert metrics.percentile(values, 50) == 50.0
-    assert metrics.percentile(values, 99) == 99.0
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    # always one of the values, never an interpolation between two
+    assert percentile([1.0, 2.0], 50) == 1.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 99) == 4.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 100) == 4.0
+
+
+def test_duration_is_hours_minutes_seconds_with_days_in_front():
+    assert duration(0) == "00:00:00"
+    assert duration(62.9) == "00:01:02"
+    assert duration(86399) == "23:59:59"
+    assert duration(2 * 86400 + 3 * 3600 + 4 * 60 + 5) == "2d 03:04:05"
 
 
 WEIRD = 'we"ird\\id\nnext'
@@ -386,36 +394,38 @@ WEIRD = 'we"ird\\id\nnext'
 
 @pytest.fixture
 def server(tmp_path):
-    """A real Server on a real Store, not bound: the loop never runs."""
-    config = load(environ={"MODULE_INGEST_DATA_DIR": str(tmp_path / "data")})
+    """A real Server on a real Store, as the daemon assembles them, not bound: the loop
+    never runs."""
+    config_path = tmp_path / "config.toml"
+    config_path.write_text(
+        "[storage]\nsegment_bytes = 1048576\nring_bytes = 1048576\n[auth]\ndev_identity = false\n"
+    )
+    config = load(config_path, environ={"MODULE_INGEST_DATA_DIR": str(tmp_path / "data")})
     config.data_dir.mkdir()
-    registry = Registry(config.data_dir / "identities.json")
-    registry.load()
-    store = Store(config.data_dir / "wal", segment_bytes=1 << 20, ring_bytes=1 << 20)
-    store.open()
-    server = Server(config, registry, store)
-    yield server
-    store.close()
-    server.control.close()
-    server.epoll.close()
+    daemon = app.assemble(config)
+    yield daemon.server
+    daemon.close()
+
+
+def figures(server) -> metrics.Metrics:
+    return metrics.Metrics(server, server.config)
 
 
 def test_snapshot_reads_the_server_and_store(server):
     store = server.store
-    assert metrics.snapshot(server)["wal"]["commit_p50_ms"] is None  # no commit yet
+    stats = figures(server)
+    assert stats.snapshot()["wal"]["commit_p50_ms"] is None  # no commit yet
     # recent commit times as the committer records them: 98 fast ones, two slow ones
     store.commit_seconds.extend([0.002] * 98 + [0.050, 0.080])
     server.counters.update({"frames": 3, "bytes_in": 400, "replays": 2, "connections": 1})
     server.counters.update({"nack.DENIED": 1, "nack.BUSY": 2, "error.TIMEOUT": 1})
     server.frames_by_identity.update({DEV: 3, WEIRD: 0})
-    meter = metrics.install_rate_meter(server)
-    assert metrics.install_rate_meter(server) is meter  # once per server
-    (hook,) = server.sweep_hooks
+    (hook,) = server.sweep_hooks  # the frame-rate meter's
     hook(10.0)
     server.counters["frames"] += 50
     hook(10.5)
 
-    snap = metrics.snapshot(server)
+    snap = stats.snapshot()
     json.dumps(snap)  # JSON-able
     assert snap["version"] == __version__
     assert snap["board"] == server.config.values["board"]["profile"]
@@ -451,7 +461,7 @@ def test_snapshot_reads_the_server_and_store(server):
 def test_prometheus_output_parses_and_escapes_labels(server):
     server.counters.update({"frames": 3, "nack.DENIED": 1, "error.AUTH_FAILED": 4})
     server.frames_by_identity.update({DEV: 3, WEIRD: 1})
-    snap = metrics.snapshot(server)
+    snap = figures(server).snapshot()
     text = metrics.prometheus(snap)
     families = parse_prometheus(text)
     assert value(families, "frames_total") == 3
@@ -470,7 +480,7 @@ def test_prometheus_output_parses_and_escapes_labels(server):
 
 
 def test_prometheus_writes_special_floats_and_subscriber_lags(server):
-    snap = metrics.snapshot(server)
+    snap = figures(server).snapshot()
     snap["subscriber_lag_bytes"] = {"archive": 10, "up\nload": 0}
     snap["rate"] = float("nan")
     snap["uptime_seconds"] = float("inf")
@@ -480,10 +490,40 @@ def test_prometheus_writes_special_floats_and_subscriber_lags(server):
     assert value(families, "uptime_seconds") == math.inf
 
 
+class Subscribers:
+    """What metrics reads of the subscriber manager: lags() and status()."""
+
+    def lags(self) -> dict[str, int]:
+        return {"archive": 2048, "up": 0}
+
+    def status(self) -> dict[str, dict]:
+        archive = {"type": "archive", "pid": 7, "restarts": 1, "lag_bytes": 2048, "records": 5}
+        up = {"type": "cloud", "pid": None, "restarts": 0, "lag_bytes": 0}
+        return {"archive": archive, "up": {**up, "failing": True, "last_error": "no route"}}
+
+
+def test_subscribers_in_every_rendering(server):
+    snap = metrics.Metrics(server, server.config, Subscribers()).snapshot()
+    assert snap["subscriber_lag_bytes"] == {"archive": 2048, "up": 0}
+    assert snap["subscribers"]["up"]["last_error"] == "no route"
+    families = parse_prometheus(metrics.prometheus(snap))
+    assert value(families, "subscriber_lag_bytes", subscriber="archive") == 2048
+    assert value(families, "subscriber_records_total", subscriber="archive") == 5
+    assert value(families, "subscriber_restarts_total", subscriber="archive") == 1
+    assert value(families, "subscriber_failing", subscriber="up") == 1
+    # a figure a subscriber does not report gets no sample rather than a made-up one
+    assert [labels for labels, _ in families["module_ingest_subscriber_records_total"]] == [
+        {"subscriber": "archive"}
+    ]
+    text = metrics.text(snap)
+    assert "\nsubscribers  archive 2.0 KiB behind, up 0 B behind\n" in text
+    assert "\n             up failing: no route\n" in text
+
+
 def test_text_summary_names_the_figures(server):
     server.counters.update({"frames": 12, "nack.DENIED": 1})
     server.frames_by_identity.update({f"core-{i}": i for i in range(25)})
-    text = metrics.text(metrics.snapshot(server))
+    text = figures(server).text()
     assert text.startswith(f"module-ingest {__version__} (board ")
     assert "12 stored" in text and "DENIED=1" in text and "subscribers  none" in text
     assert "core-24" in text and "core-0 " not in text and "... and 5 more" in text
@@ -520,33 +560,7 @@ def test_stats_without_a_daemon_is_one_line_and_exit_1(tmp_path, capsys):
     assert err.count("\n") == 1
 
 
-# -- end to end: a daemon with telemetry wired in -------------------------------------------
-
-DAEMON = """
-import logging
-
-from appliance import app
-from appliance.auth.registry import Registry
-from appliance.config import load
-from appliance.net.server import Server
-from appliance.telemetry import endpoint, logs
-
-config = load()
-logs.setup(config)
-app.raise_fd_limit()
-app.ensure_data_dir(config.data_dir)
-registry = Registry(app.registry_path(config.data_dir))
-registry.load()
-app.ensure_dev_identity(config, registry)
-store = app.open_store(config)
-server = Server(config, registry, store)
-addresses = server.bind()
-endpoint.install(server, config)
-logging.getLogger("appliance").info(
-    "listening on %s", ", ".join(f"{h}:{p}" for h, p in addresses)
-)
-server.run()
-"""
+# -- end to end: the daemon --------------------------------------------------------------
 
 # what `module-ingest stats ...` will run once the CLI has the subcommand
 STATS_MAIN = """
@@ -578,11 +592,13 @@ tcp = "127.0.0.1:0"
 
 
 class TelemetryDaemon:
+    """`module-ingest serve` with its stdout and stderr apart (the log must be JSON lines
+    only, and stderr empty)."""
+
     def __init__(self, tmp_path: Path) -> None:
         self.data = tmp_path / "data"
         self.data.mkdir(mode=0o700)
-        self.script = tmp_path / "daemon.py"
-        self.script.write_text(DAEMON)
+        self.notify = NotifySocket(tmp_path / "notify.sock")
         self.config_path = tmp_path / "config.toml"
         self.config_path.write_text(CONFIG)
         self.stdout = tmp_path / "stdout"
@@ -593,7 +609,7 @@ class TelemetryDaemon:
 
     def env(self) -> dict[str, str]:
         return dict(
-            os.environ,
+            notify_env(self.notify.path),
             PYTHONPATH=str(ROOT),
             MODULE_INGEST_DATA_DIR=str(self.data),
             MODULE_INGEST_LISTEN="127.0.0.1:0",
@@ -604,13 +620,15 @@ class TelemetryDaemon:
         env = self.env()
         with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, str(self.script)],
+                [sys.executable, "-m", "appliance", "serve"],
                 stdout=out,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
                 env=env,
             )
-        self.port = int(self.logged(r"^listening on 127\.0\.0\.1:(\d+)$"))
+        ready = self.notify.wait_ready(self.proc)
+        assert ready is not None, self.stderr.read_text()
+        self.port = listen_address(ready)[1]
         self.tcp_port = int(self.logged(r"^stats: serving on .* and 127\.0\.0\.1:(\d+)$"))
 
     def log_objects(self) -> list[dict]:
@@ -648,6 +666,7 @@ class TelemetryDaemon:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self.notify.close()
 
 
 @pytest.fixture

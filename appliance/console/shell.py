@@ -37,6 +37,7 @@ from appliance.auth.identity import Identity, format_channels
 from appliance.auth.registry import Registry
 from appliance.protocol import crypto
 from appliance.store.segment import list_segments
+from appliance.telemetry.figures import duration
 
 if TYPE_CHECKING:
     from appliance.net.server import Server
@@ -497,13 +498,6 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     return lines
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    days, rest = divmod(seconds, 86400)
-    text = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    return f"{days}d {text}" if days else text
-
-
 def _address(addr: object) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         host, port = addr[0], addr[1]
@@ -523,39 +517,37 @@ def context_for(
     subscribers: Callable[[], list[str]] | None = None,
 ) -> ConsoleContext:
     """The context of a running appliance.net.server.Server (called on its loop thread)."""
-    store = server.store
 
     def status() -> list[tuple[str, object]]:
+        snap = server.snapshot()
         return [
-            ("uptime", _duration(time.monotonic() - server.started)),
-            ("connections", f"{len(server.conns)} ({len(server.by_identity)} authenticated)"),
-            ("frames", f"{server.counters['frames']} received since start"),
-            ("pending bytes", store.pending_bytes()),
-            ("commit error", store.commit_error or "none"),
+            ("uptime", duration(snap.uptime_seconds)),
+            ("connections", f"{snap.connections} ({snap.authenticated} authenticated)"),
+            ("frames", f"{snap.counters['frames']} received since start"),
+            ("pending bytes", snap.store.pending_bytes),
+            ("commit error", snap.store.commit_error or "none"),
         ]
 
     def queue() -> list[tuple[str, object]]:
+        snap = server.snapshot()
+        store = snap.store
         segments = list_segments(store.directory)
-        quota = getattr(store, "quota_bytes", 0)
         rows: list[tuple[str, object]] = [
-            ("frames", f"{store.frames} ({server.counters['frames']} since start)"),
+            ("frames", f"{store.frames} ({snap.counters['frames']} since start)"),
             ("bytes on disk", store.bytes_on_disk),
-            ("pending bytes", store.pending_bytes()),
+            ("pending bytes", store.pending_bytes),
             ("segments", f"{len(segments)} in {store.directory}"),
-            ("quota bytes", quota or "none"),
+            ("quota bytes", store.quota_bytes or "none"),
         ]
-        if getattr(store, "full", False):
+        if store.full:
             rows.append(("full", "yes: frames needing a new segment get BUSY"))
-        if getattr(store, "dropped_frames", 0):
+        if store.dropped_frames:
             rows.append(("dropped frames", store.dropped_frames))
         rows.append(("commit error", store.commit_error or "none"))
         return rows
 
     def clients() -> list[tuple[str | None, str, str | None]]:
-        return [
-            (conn.identity, _address(conn.addr), conn.session.mac_algorithm)
-            for conn in list(server.conns.values())
-        ]
+        return [(peer.identity, _address(peer.address), peer.mac) for peer in server.clients()]
 
     return ConsoleContext(
         registry=server.registry,

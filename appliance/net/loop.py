@@ -77,7 +77,8 @@ class Loop:
     def unwatch(self, fileobj) -> None:
         self._unregister(fileobj if isinstance(fileobj, int) else fileobj.fileno())
 
-    def _close_loop(self) -> None:
+    def close(self) -> None:
+        """Let go of the loop's own descriptors: the end of run(), or a server never run."""
         self.control.close()
         self.epoll.close()
         os.close(self._wake_r)

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from types import MappingProxyType
 
 from appliance.auth.handshake import authenticate
 from appliance.auth.registry import Registry, RegistryError
@@ -31,6 +31,7 @@ from appliance.net.admission import Admission
 from appliance.net.connection import LINGER, READING, Connection, Pause, Phase
 from appliance.net.gate import Gate
 from appliance.net.loop import EPOLL_FAIL, EPOLLIN, EPOLLOUT, Loop
+from appliance.net.snapshot import Identities, Peer, Snapshot, StoreFigures
 from appliance.net.timers import Deadlines
 from appliance.net.transport import Transport
 from appliance.protocol.frames import ErrorCode, encode_ack
@@ -95,7 +96,6 @@ class Server(Gate, Loop):
         self.frames_by_identity: Counter[str] = Counter()
         self.started = time.monotonic()
         self.now = self.started  # the loop's clock, read once per iteration
-        self.subscriber_lags: Callable[[], dict[str, int]] = dict  # set by the subscriber manager
         self._serial = 0
         self._log_unproven = Throttled(log, UNPROVEN_LOG_EVERY)
 
@@ -216,6 +216,32 @@ class Server(Gate, Loop):
         """Apply registry changes now (revocations close their connections)."""
         self._reload_registry()
 
+    def snapshot(self, *, identities: bool = False) -> Snapshot:
+        """The loop's figures, frozen; with `identities`, one row per identity too."""
+        now = time.monotonic()
+        rows = None
+        if identities:
+            stored = MappingProxyType(dict(self.frames_by_identity))
+            rows = Identities(stored, frozenset(self.by_identity))
+        return Snapshot(
+            uptime_seconds=now - self.started,
+            counters=MappingProxyType(Counter(self.counters)),  # a missing key reads 0
+            connections=len(self.conns),
+            authenticated=len(self.by_identity),
+            paused=len(self.paused),
+            pause_bytes=self.pause_bytes,
+            stopping=self.stopping,
+            store=StoreFigures.of(self.store, now),
+            identities=rows,
+        )
+
+    def clients(self) -> list[Peer]:
+        """Every connection: its identity (None before HELLO), address and MAC algorithm."""
+        return [
+            Peer(conn.identity, conn.addr, conn.session.mac_algorithm)
+            for conn in self.conns.values()
+        ]
+
     def _begin_stop(self) -> float:
         log.info("stop: no longer accepting; committing and acknowledging")
         self.close_listeners()
@@ -232,7 +258,7 @@ class Server(Gate, Loop):
                 conn.write(b"")
             self._close(conn)
         self.store.close()
-        self._close_loop()
+        self.close()
         log.info("stop: done")
 
     # -- acknowledgements -------------------------------------------------------

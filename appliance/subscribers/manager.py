@@ -56,7 +56,6 @@ class SubscriberManager:
             self._spawn(self.children[name])
         self.server.sweep_hooks.append(self._sweep)
         self.server.stop_hooks.append(self.stop)
-        self.server.subscriber_status = self.status
 
     def _ensure_identity(self, name: str, table: dict) -> None:
         """subscriber/NAME may write the derived channel (inference results)."""
@@ -198,11 +197,3 @@ class SubscriberManager:
                 f"{lags.get(name, 0)} bytes behind"
             )
         return lines
-
-
-def install(server, config: Config, connect: tuple[str, int]) -> SubscriberManager | None:
-    if not config.subscribers:
-        return None
-    manager = SubscriberManager(server, config, connect)
-    manager.start()
-    return manager

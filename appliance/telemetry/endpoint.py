@@ -45,8 +45,8 @@ def socket_path(config) -> Path:
     return path if path.is_absolute() else Path(config.data_dir) / path
 
 
-def render(server, fmt: str) -> bytes:
-    snap = metrics.snapshot(server)
+def render(figures: metrics.Metrics, fmt: str) -> bytes:
+    snap = figures.snapshot()
     if fmt == "json":
         return (json.dumps(snap) + "\n").encode()
     if fmt == "prometheus":
@@ -66,8 +66,11 @@ class _Client:
 
 
 class StatsEndpoint:
-    def __init__(self, server, path: Path, tcp: Address | None = None) -> None:
-        self.server = server
+    def __init__(
+        self, server, figures: metrics.Metrics, path: Path, tcp: Address | None = None
+    ) -> None:
+        self.server = server  # whose loop runs the endpoint
+        self.figures = figures
         self.path = Path(path)
         self.tcp = tcp
         self.listeners: list[socket.socket] = []
@@ -235,7 +238,7 @@ class StatsEndpoint:
 
     def _reply(self, client: _Client, request: str) -> None:
         if request in FORMATS:
-            body = render(self.server, request)
+            body = render(self.figures, request)
         else:
             shown = request[:40]
             body = f"error: unknown request {shown!r}; send one of {', '.join(FORMATS)}\n".encode()
@@ -272,14 +275,13 @@ class StatsEndpoint:
             self._drop(client.sock)
 
 
-def install(server, config) -> StatsEndpoint:
-    """Add the frame-rate meter and start the stats endpoint from [stats]; returns it.
+def install(server, config, figures: metrics.Metrics) -> StatsEndpoint:
+    """Start the stats endpoint from [stats], serving `figures`; returns it.
 
     If the endpoint cannot listen, the daemon serves on without it and says so once."""
-    metrics.install_rate_meter(server)
     section = config.values["stats"]
     tcp = parse_address(section["tcp"]) if section["tcp"] else None
-    endpoint = StatsEndpoint(server, socket_path(config), tcp)
+    endpoint = StatsEndpoint(server, figures, socket_path(config), tcp)
     try:
         endpoint.start()
     except OSError as exc:

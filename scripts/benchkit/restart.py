@@ -13,9 +13,8 @@ import sys
 import time
 from collections import Counter
 
-from _loadlib import percentile
-
 from appliance.store.reader import read_records
+from appliance.telemetry.figures import percentile
 
 from .errors import BenchError
 from .fleet import (

@@ -7,22 +7,18 @@ import time
 from collections.abc import Iterable
 
 from appliance.subscribers.inference.backend import Backend, require_numpy
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
-    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[index]
+from appliance.telemetry.figures import percentile
 
 
 def latency_summary(latencies_ms: Iterable[float]) -> dict[str, float]:
     values = sorted(latencies_ms)
+    if not values:
+        return {"windows": 0, "p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
     return {
         "windows": len(values),
-        "p50_ms": round(_percentile(values, 0.50), 4),
-        "p99_ms": round(_percentile(values, 0.99), 4),
-        "max_ms": round(values[-1], 4) if values else 0.0,
+        "p50_ms": round(percentile(values, 50), 4),
+        "p99_ms": round(percentile(values, 99), 4),
+        "max_ms": round(values[-1], 4),
     }
 
 
