@@ -69,7 +69,6 @@ class Client:
         self.next_seq = 1
         self.channels: list[int] = []
         self.rejected: list[tuple[int, str, str]] = []  # (seq, code, message)
-        self.reconnects = 0
         self._unacked: OrderedDict[int, tuple[int, int, bytes]] = OrderedDict()
         self._busy: deque[tuple[int, int, bytes]] = deque()
         self._busy_until = 0.0
@@ -147,7 +146,6 @@ class Client:
 
     def _reconnect(self, why: str) -> None:
         self._drop()
-        self.reconnects += 1
         try:
             self.connect()
         except ClientError as exc:

@@ -64,10 +64,6 @@ class SerialConsole:
         self._received = False
         self._quiet = False
 
-    @property
-    def is_open(self) -> bool:
-        return self.serial is not None
-
     def start(self) -> None:
         """Hook into the server's loop and open the port (or schedule the retry)."""
         self.server.sweep_hooks.append(self._on_sweep)

@@ -62,7 +62,7 @@ def stop_on_signals(stop: threading.Event):
         return
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     for sig in saved:
-        signal.signal(sig, lambda signum, frame: stop.set())
+        signal.signal(sig, lambda _signum, _frame: stop.set())
     try:
         yield
     finally:
