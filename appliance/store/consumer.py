@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from appliance.errors import EXIT_CLEAN, EXIT_DAMAGED, ToolError
@@ -116,7 +116,7 @@ def run_consumer(
             continue
         # The cursor will point past these records, so they must be on flash before
         # anyone sees them: the daemon may not have finished its fdatasync yet.
-        _sync_segments(cursor.directory, records)
+        sync_segments(cursor.directory, sorted({rec.segment for rec in records}))
         result = _handle(cursor.name, handle, records, stop, poll=poll, once=once)
         if not result:
             status = EXIT_DAMAGED if once else EXIT_CLEAN  # stopping: it comes again next time
@@ -158,8 +158,10 @@ def _handle(
     return result
 
 
-def _sync_segments(directory: Path, records: list[Record]) -> None:
-    for number in sorted({rec.segment for rec in records}):
+def sync_segments(directory: Path, numbers: Iterable[int]) -> None:
+    """Make segments durable before a cursor points past what was read in them: the
+    daemon may not have finished its fdatasync of the newest records yet."""
+    for number in numbers:
         try:
             fd = os.open(directory / segment_name(number), os.O_RDONLY)
         except FileNotFoundError:

@@ -39,9 +39,9 @@ from appliance.config import (
 from appliance.durable import make_dirs
 from appliance.errors import ToolError
 from appliance.store import wal_dir
-from appliance.store.consumer import cursor_lock, stop_on_signals
+from appliance.store.consumer import cursor_lock, stop_on_signals, sync_segments
 from appliance.store.cursor import Cursor
-from appliance.store.segment import Record, segment_name
+from appliance.store.segment import Record
 from appliance.subscribers.backoff import Backoff
 from appliance.subscribers.base import ENTRY_POINT_GROUP, Context, Subscriber
 from appliance.subscribers.reader import LogReader
@@ -339,17 +339,7 @@ class Runner:
         return done
 
     def _sync(self, first: int, last: int) -> None:
-        """What was read must be on flash before the cursor points past it: the daemon
-        may not have finished its fdatasync of the newest records yet."""
-        for number in range(first, last + 1):
-            try:
-                fd = os.open(self.cursor.directory / segment_name(number), os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
+        sync_segments(self.cursor.directory, range(first, last + 1))
 
 
 def cmd_subscriber(args, config: Config) -> int:
