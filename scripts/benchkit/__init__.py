@@ -7,6 +7,8 @@
   recovery.py   recovery: fill, SIGKILL, restart, every ACKed frame checked
   soak.py       soak: full load for minutes, sampled
   harness.py    the daemon on a temp data dir, its stats snapshot, the temp dir's clean-up
+  daemonproc.py the daemon as a child process as systemd sees it (READY=1 on a notify
+                socket): shared with tests/conftest.py
   errors.py     BenchError (one line to print) and how a script exits on it or on Ctrl-C
   loadchild.py  a load generator (its command line) as a child process, and the marks
                 taken while it runs

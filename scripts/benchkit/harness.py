@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,15 +26,14 @@ from _loadlib import raise_nofile_limit
 from appliance.auth.registry import Registry
 from appliance.protocol.crypto import MAC_ALGORITHMS
 
+from .daemonproc import NotifySocket, listen_address, notify_env
 from .errors import BenchError
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"  # has the daemon's dependencies (scripts/serve)
 DEFAULT_PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
-LISTENING = re.compile(r"listening on ([0-9.]+):(\d+)")
 RECOVERED = re.compile(r"store: recovered in ([0-9.]+) s")
 START_TIMEOUT = 60.0
-START_POLL = 0.005  # how often start() looks for "listening on" in the log
 STOP_TIMEOUT = 15.0
 STATS_TIMEOUT = 10.0
 CHANNEL = 1
@@ -65,13 +63,6 @@ def cli_env(data_dir: Path) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (for a server to start)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -- the daemon ------------------------------------------------------------------------
 
 
@@ -98,6 +89,7 @@ class Daemon:
         self.extra = extra  # more TOML, e.g. [subscribers.NAME] tables (--config-extra)
         self.proc: subprocess.Popen | None = None
         self.address = ""
+        self.notify: NotifySocket | None = None
 
     def prepare(self) -> None:
         """The data dir (it may already hold a WAL), the identities and the config."""
@@ -136,12 +128,16 @@ class Daemon:
         *,
         same_port: bool = False,
     ) -> None:
-        """Start the daemon and wait for its "listening on" line; `same_port` listens where
-        the previous start did (a restart the connected cores can find again)."""
+        """Start the daemon and wait for its READY=1 (as systemd would); `same_port` listens
+        where the previous start did (a restart the connected cores can find again)."""
         self.log_path = self.workdir / log_name
         listen = self.address if same_port else "127.0.0.1:0"
+        if self.notify is not None:
+            self.notify.close()
+        self.notify = NotifySocket(self.workdir / "notify.sock")
         env = dict(
-            cli_env(self.data_dir),
+            notify_env(self.notify.path),
+            **cli_env(self.data_dir),
             MODULE_INGEST_LISTEN=listen,
             MODULE_INGEST_CONFIG=str(self.config),
         )
@@ -156,17 +152,13 @@ class Daemon:
                 # The daemon raises RLIMIT_NOFILE itself too (app.raise_fd_limit); belt and braces.
                 preexec_fn=raise_nofile_limit,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = LISTENING.search(self.log())
-            if match:
-                self.address = f"{match[1]}:{match[2]}"
-                return
-            if self.proc.poll() is not None:
-                raise BenchError(
-                    f"daemon exited with {self.proc.returncode}: {self.last_log_line()}"
-                )
-            time.sleep(START_POLL)
+        ready = self.notify.wait_ready(self.proc, timeout)
+        if ready is not None:
+            host, port = listen_address(ready)
+            self.address = f"{host}:{port}"
+            return
+        if self.proc.poll() is not None:
+            raise BenchError(f"daemon exited with {self.proc.returncode}: {self.last_log_line()}")
         raise BenchError(f"daemon did not start within {timeout:.0f} s: {self.last_log_line()}")
 
     def log(self) -> str:
@@ -182,6 +174,9 @@ class Daemon:
 
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL after STOP_TIMEOUT; returns the exit code."""
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
         if self.proc is None or self.proc.poll() is not None:
             return None if self.proc is None else self.proc.returncode
         self.proc.send_signal(signal.SIGTERM)
