@@ -30,7 +30,8 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from conftest import cli, free_port, stats_json, subscriber_pid, wait_for
+from benchkit.daemonproc import free_port
+from conftest import cli, stats_json, subscriber_pid, wait_for
 
 from appliance.client import Client
 from appliance.config import ConfigError

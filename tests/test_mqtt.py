@@ -23,7 +23,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import cli, free_port, stats_json, wait_for
+from benchkit.daemonproc import free_port
+from conftest import cli, stats_json, wait_for
 
 from appliance.client import Client
 

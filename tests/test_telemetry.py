@@ -22,7 +22,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, NotifySocket, listen_address, notify_env, wait_for
+from benchkit.daemonproc import NotifySocket, listen_address, notify_env
+from conftest import ROOT, wait_for
 
 from appliance import __version__, app
 from appliance.client import Client
