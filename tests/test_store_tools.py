@@ -417,9 +417,11 @@ def test_salvaged_segment_loads_into_the_daemon(capsys, daemon_factory, stocked_
 
 
 def flip_fields(segment: Path, recs: list) -> list:
-    """Damage five records, each in another field, two of them in the same commit; returns
+    """Damage five records, each in another field, two neighbours in the same commit (the
+    daemon may cut a flush into several commits, so the pair is found, not assumed); returns
     the damaged ones."""
-    victims = [recs[2], recs[15], recs[16], recs[40], recs[-2]]
+    pair = next(i for i in range(15, 35) if recs[i].end == recs[i + 1].offset)
+    victims = [recs[2], recs[pair], recs[pair + 1], recs[40], recs[-2]]
     where = [
         lambda r: r.offset + 1,  # the CRC
         lambda r: r.offset + 7,  # the lowest byte of the length
@@ -462,7 +464,7 @@ def test_salvage_keeps_every_intact_record_and_the_readme_procedure_loads_it(
     assert summary["records"] == len(intact)
     assert [x["seq"] for x in records] == [x["seq"] for x in intact]
     # the damaged neighbours (a length, then a payload) make one stretch
-    assert [b["offset"] for b in bad] == [v.offset for v in victims if v is not recs[16]]
+    assert [b["offset"] for b in bad] == [v.offset for i, v in enumerate(victims) if i != 2]
     assert lines[-1] == {"salvaged": len(intact), "to": str(out), "segment": newest + 1}
     assert out.stat().st_mode & 0o777 == 0o600
 
