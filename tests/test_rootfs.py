@@ -308,7 +308,7 @@ def test_ready_streams_and_stats(boot):
         "acked_seq": 200,
         "rejected": 0,
     }
-    stats = json.loads(box.run("module-ingest", "stats", "--format=json").stdout)
+    stats = json.loads(box.run("module-ingest", "stats", "--format=json", "--identities").stdout)
     assert stats["identities"]["m-test/core-0"]["frames"] == 200
     assert stats["board"] == BOARD
     human = box.run("module-ingest", "stats").stdout

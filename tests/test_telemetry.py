@@ -426,7 +426,7 @@ def test_snapshot_reads_the_server_and_store(server):
     server.counters["frames"] += 50
     hook(10.5)
 
-    snap = stats.snapshot()
+    snap = stats.snapshot(identities=True)
     json.dumps(snap)  # JSON-able
     assert snap["version"] == __version__
     assert snap["board"] == server.config.values["board"]["profile"]
@@ -462,7 +462,7 @@ def test_snapshot_reads_the_server_and_store(server):
 def test_prometheus_output_parses_and_escapes_labels(server):
     server.counters.update({"frames": 3, "nack.DENIED": 1, "error.AUTH_FAILED": 4})
     server.frames_by_identity.update({DEV: 3, WEIRD: 1})
-    snap = figures(server).snapshot()
+    snap = figures(server).snapshot(identities=True)
     text = metrics.prometheus(snap)
     families = parse_prometheus(text)
     assert value(families, "frames_total") == 3
@@ -524,10 +524,27 @@ def test_subscribers_in_every_rendering(server):
 def test_text_summary_names_the_figures(server):
     server.counters.update({"frames": 12, "nack.DENIED": 1})
     server.frames_by_identity.update({f"core-{i}": i for i in range(25)})
-    text = figures(server).text()
+    text = figures(server).text(identities=True)
     assert text.startswith(f"module-ingest {__version__} (board ")
     assert "12 stored" in text and "DENIED=1" in text and "subscribers  none" in text
     assert "core-24" in text and "core-0 " not in text and "... and 5 more" in text
+    assert "core-24" not in figures(server).text()
+
+
+def test_per_identity_rows_only_when_asked_for(server):
+    """The rows cost the loop O(identities): a plain snapshot, the Prometheus text and the
+    summary made from it have none, and everything else is the same."""
+    server.counters.update({"frames": 3})
+    server.frames_by_identity.update({DEV: 3})
+    plain, full = figures(server).snapshot(), figures(server).snapshot(identities=True)
+    assert "identities" not in plain and full["identities"] == {
+        DEV: {"frames": 3, "connected": False}
+    }
+    assert set(full) - set(plain) == {"identities"} and plain["frames"] == full["frames"] == 3
+    families = parse_prometheus(metrics.prometheus(plain))
+    assert value(families, "frames_total") == 3
+    assert not any(name.startswith("module_ingest_identity_") for name in families)
+    assert DEV not in metrics.text(plain) and DEV in metrics.text(full)
 
 
 # -- stats command without a daemon ------------------------------------------------------
@@ -659,7 +676,7 @@ class TelemetryDaemon:
         return code, out, err
 
     def json(self, capsys) -> dict:
-        code, out, err = self.stats(capsys, "--format", "json")
+        code, out, err = self.stats(capsys, "--format", "json", "--identities")
         assert code == 0 and err == "", err
         return json.loads(out)
 
@@ -733,7 +750,7 @@ def test_end_to_end(telemetry_daemon, capsys):
         snap = wait_for(lambda: (s := d.json(capsys))["rate"] > 0 and s, WAIT, "a rate")
         assert snap["frames"] == 25
 
-    code, out, err = d.stats(capsys, "--format", "prometheus")
+    code, out, err = d.stats(capsys, "--format", "prometheus", "--identities")
     assert code == 0 and err == ""
     families = parse_prometheus(out)
     assert value(families, "frames_total") == 25
@@ -758,6 +775,9 @@ def test_end_to_end(telemetry_daemon, capsys):
     # an over-long line is dropped; none of them hurts the daemon
     assert json.loads(raw_request(d.socket, b"json"))["frames"] == 25
     assert raw_request(d.socket, b"bogus\n").startswith(b"error: unknown request 'bogus'")
+    assert raw_request(d.socket, b"json everything\n").startswith(b"error: unknown request")
+    assert b'"identities"' in raw_request(d.socket, b"json identities\n")
+    assert b'"identities"' not in raw_request(d.socket, b"json\n")
     assert raw_request(d.socket, b"x" * 1000) == b""
     assert raw_request(d.socket, b"\xff\xfe\n").startswith(b"error:")
     code, out, _ = d.stats(capsys, "--format", "json", "--socket", str(d.socket))

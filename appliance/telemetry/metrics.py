@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from appliance.telemetry import gcwatch
-from appliance.telemetry.catalog import METRICS, SUMMARY_LINES, WORDS, Family, Samples
+from appliance.telemetry.catalog import METRICS, SUMMARY_LINES, WORDS, Family, Metric, Samples
 from appliance.telemetry.figures import duration
 
 if TYPE_CHECKING:
@@ -149,9 +149,10 @@ class Metrics:
     def _sample(self, now: float) -> None:
         self.rate.sample(now, self.server.snapshot().counters["frames"])
 
-    def snapshot(self) -> dict:
-        """Every figure of METRICS, as a JSON-able dict."""
-        daemon = self.server.snapshot(identities=True)
+    def snapshot(self, identities: bool = False) -> dict:
+        """Every figure of METRICS, as a JSON-able dict; the per-identity rows only with
+        `identities`."""
+        daemon = self.server.snapshot(identities=identities)
         subscribers = self.subscribers
         sources = Sources(
             daemon=daemon,
@@ -166,6 +167,8 @@ class Metrics:
         )
         out: dict = {}
         for metric in METRICS:
+            if metric.per_identity and not identities:
+                continue
             *path, name = metric.key.split(".")
             place = out
             for part in path:
@@ -173,9 +176,9 @@ class Metrics:
             place[name] = metric.read(sources)
         return out
 
-    def text(self) -> str:
+    def text(self, identities: bool = False) -> str:
         """The human summary of a snapshot taken now."""
-        return text(self.snapshot())
+        return text(self.snapshot(identities))
 
 
 def _figure(snapshot: dict, key: str) -> Any:
@@ -183,6 +186,19 @@ def _figure(snapshot: dict, key: str) -> Any:
     for part in key.split("."):
         value = value[part]
     return value
+
+
+def _figures(snapshot: dict) -> list[tuple[Metric, Any]]:
+    """(metric, figure) of every row in the snapshot: the per-identity ones only when it
+    was taken with them."""
+    rows = []
+    for metric in METRICS:
+        try:
+            rows.append((metric, _figure(snapshot, metric.key)))
+        except KeyError:
+            if not metric.per_identity:
+                raise
+    return rows
 
 
 # -- Prometheus text exposition format 0.0.4 -------------------------------------------
@@ -223,8 +239,7 @@ def _family(lines: list[str], family: Family, samples: Samples) -> None:
 def prometheus(snapshot: dict) -> str:
     """The snapshot in the Prometheus text format 0.0.4 (names prefixed module_ingest_)."""
     lines: list[str] = []
-    for metric in METRICS:
-        value = _figure(snapshot, metric.key)
+    for metric, value in _figures(snapshot):
         for family in metric.families:
             _family(lines, family, family.samples(value, snapshot))
     return "\n".join(lines) + "\n"
@@ -240,8 +255,9 @@ def text(snapshot: dict) -> str:
         f"module-ingest {s['version']} (board {s['board']}, pid {s['pid']}), "
         f"up {duration(s['uptime_seconds'])}"
     ]
+    figures = _figures(s)
     for line, joint in SUMMARY_LINES.items():
-        rows = [(metric, _figure(s, metric.key)) for metric in METRICS if metric.line == line]
+        rows = [(metric, value) for metric, value in figures if metric.line == line]
         phrases = [WORDS.format(m.phrase, value) for m, value in rows if m.phrase is not None]
         if phrases:
             lines.append(f"{line:<12} {joint.join(phrases)}")
