@@ -9,6 +9,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -25,6 +27,31 @@ def bench(*args: str) -> dict:
     proc = run_bench(*args, "--json")
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     return json.loads(proc.stdout)
+
+
+PYTHON_SCRIPTS = sorted(
+    p.name
+    for p in (ROOT / "scripts").iterdir()
+    if p.is_file() and p.read_bytes().startswith(b"#!/usr/bin/env python3")
+)
+
+
+def test_every_python_script_is_found():
+    assert {"bench", "bench-subscribers", "fleet", "flood"} <= set(PYTHON_SCRIPTS)
+
+
+@pytest.mark.parametrize("name", PYTHON_SCRIPTS)
+def test_every_python_script_imports_and_prints_its_help(name):
+    """What the test suite does not run at full scale must at least start: its imports
+    (the benchmark helpers move between modules) and its argument parser."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), "--help"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert b"usage:" in proc.stdout
 
 
 def test_load_acks_every_frame_and_removes_its_temp_dir(tmp_path):

@@ -12,6 +12,14 @@ Positions only grow; the byte at position p lives at p % size. Between
 `durable` and `head` nothing is overwritten, so a batch whose write or sync
 failed is still here to be written again (never trust a sync after a failed
 one: the kernel may have dropped the pages).
+
+A batch starts over at the ring's beginning (its position jumps to the next
+multiple of size) once the head is past `wrap_at` and the batch in flight is
+small and leaves room there. The fleet shape's batches are a block or two, so the loop and
+the writer keep to the first megabyte instead of cycling through the whole
+ring: a shared page, once touched, stays resident in both processes, and a
+16 MiB cycle also evicts the caches. The bytes jumped over belong to no batch;
+they count as durable once the batch in flight before them is (`made_durable`).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from dataclasses import dataclass
 from appliance.store.segment import BLOCK, DATA_START, encode_padding, padding_to_block
 
 RESERVE = 2 * BLOCK  # room kept for a batch's padding, in the ring and in a segment
+WRAP_AT = 1024 * 1024  # a new batch goes back to the ring's start past this (or size / 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +53,10 @@ class Ring:
         self.head = 0  # next byte appended
         self.taken = 0  # everything before it is in a batch
         self.durable = 0  # everything before it is on flash
+        self.wrap_at = min(WRAP_AT, size // 4)
+        # (end of the batch in flight, where the next batch started): the jump over the
+        # ring's tail that becomes durable with that batch
+        self._skip: tuple[int, int] | None = None
         self.seg_used = seg_used  # bytes used in the segment the next record goes to
         # a segment that would need starting refuses records (quota, free-space floor)
         self.full = False
@@ -54,7 +67,15 @@ class Ring:
 
     def pending(self) -> int:
         """Bytes appended and not yet durable."""
-        return self.head - self.durable
+        skipped = self._skip[1] - self._skip[0] if self._skip is not None else 0
+        return self.head - self.durable - skipped
+
+    def made_durable(self, end: int) -> None:
+        """The writer's news: everything before `end` (a batch's end) is on flash."""
+        if self._skip is not None and end == self._skip[0]:
+            end = self._skip[1]
+            self._skip = None
+        self.durable = end
 
     def gathered(self) -> int:
         """Bytes appended and not yet in a batch."""
@@ -74,6 +95,8 @@ class Ring:
         The rest did not fit: the ring is full, or the store is full and they would
         need a new segment. The highest seq joins the batch being gathered, so the
         batch that makes the records durable carries it."""
+        if self.head == self.taken and self.head % self.size >= self.wrap_at:
+            self._rewind()
         data = b"".join(records) if len(records) > 1 else records[0]
         n = len(data)
         head = self.head
@@ -105,6 +128,23 @@ class Ring:
             self._marks[ident] = seqs[done - 1]
             self._frames += done
         return done
+
+    def _rewind(self) -> None:
+        """Start the batch about to be gathered at the ring's beginning, if the batch in
+        flight (between durable and head) is small and leaves at least wrap_at there: the
+        bytes jumped over are room the next batch cannot use until that one is durable."""
+        start = self.head + self.size - self.head % self.size
+        if (
+            self._skip is not None
+            or self.head - self.durable > self.wrap_at // 4
+            or self.durable + self.size - RESERVE - start < self.wrap_at
+        ):
+            return
+        if self.durable == self.head:
+            self.durable = start
+        else:
+            self._skip = (self.head, start)
+        self.head = self.taken = start
 
     def _put(self, pos: int, data: bytes) -> None:
         at = pos % self.size

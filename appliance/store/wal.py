@@ -304,7 +304,7 @@ class Store:
         kind = message[0]
         if kind == "d":
             _, end, seg, off, seconds = message
-            self.ring.durable = end
+            self.ring.made_durable(end)
             self._position = (seg, off)
             self.commit_seconds.append(seconds)
             self.commits += 1
