@@ -58,6 +58,24 @@ def _commits(before: dict, after: dict, frames: int) -> dict:
     }
 
 
+def _kib(n: int | None) -> str:
+    return figure(None if n is None else n / 1024, "KiB", 0)
+
+
+def _subscribers(before: dict, after: dict, seconds: float) -> dict:
+    """Each subscriber's records/s over the timed phase and how far behind the log it was
+    at its end (with --config-extra [subscribers.*] tables): does it keep up?"""
+    out = {}
+    for name, sub in after.get("subscribers", {}).items():
+        start = before.get("subscribers", {}).get(name, {})
+        out[name] = {
+            "records_per_s": (sub.get("records", 0) - start.get("records", 0)) / seconds,
+            "lag_bytes_at_start": start.get("lag_bytes"),
+            "lag_bytes": sub.get("lag_bytes"),
+        }
+    return out
+
+
 # -- the run ------------------------------------------------------------------------------------
 
 
@@ -92,6 +110,7 @@ def fleet(args: argparse.Namespace) -> dict:
             "children_hwm_mib": children_hwm / 1024,
             **_commits(snaps["start"], snaps["end"], frames),
         }
+        result["subscribers"] = _subscribers(snaps["start"], snaps["end"], phase["seconds"])
         result["daemon"]["exit_code"] = daemon.stop()
         return result
 
@@ -161,6 +180,15 @@ def fleet_summary(r: dict) -> str:
         + (f"; {r['frames_blocked']} waited for a full send buffer" if r["frames_blocked"] else ""),
         cpu_text(m),
     ]
+    if r["subscribers"]:
+        lines.append(
+            "subscribers (their CPU is in the daemon's): "
+            + "; ".join(
+                f"{name} {s['records_per_s']:,.0f} records/s, "
+                f"{_kib(s['lag_bytes_at_start'])} -> {_kib(s['lag_bytes'])} behind"
+                for name, s in r["subscribers"].items()
+            )
+        )
     if d["exit_code"] != 0:
         lines.append(f"warning: the daemon exited with {d['exit_code']} on SIGTERM")
     return "\n".join(lines)
