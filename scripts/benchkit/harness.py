@@ -40,6 +40,13 @@ CHANNEL = 1
 IDENT_FORMAT = "bench/core-{:05d}"
 
 
+def go_on_in_venv() -> None:
+    """Run the rest of this script in .venv's interpreter when it exists and this is
+    another one: a script that uses the client library needs the daemon's dependencies."""
+    if VENV_PYTHON.exists() and Path(sys.prefix).resolve() != VENV_PYTHON.parent.parent.resolve():
+        os.execv(VENV_PYTHON, [str(VENV_PYTHON), *sys.argv])
+
+
 def stats_snapshot(data_dir: Path) -> dict:
     """The daemon's JSON stats snapshot from data_dir/stats.sock."""
     chunks = []
