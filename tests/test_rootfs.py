@@ -311,8 +311,9 @@ def test_ready_streams_and_stats(boot):
     stats = json.loads(box.run("module-ingest", "stats", "--format=json", "--identities").stdout)
     assert stats["identities"]["m-test/core-0"]["frames"] == 200
     assert stats["board"] == BOARD
-    human = box.run("module-ingest", "stats").stdout
+    human = box.run("module-ingest", "stats", "--identities").stdout
     assert re.search(r"m-test/core-0\s+200 frames", human), human
+    assert "m-test/core-0" not in box.run("module-ingest", "stats").stdout
     assert stored(box, "m-test/core-0") == payloads
     assert box.show("NRestarts")["NRestarts"] == "0"
     assert_no_syscall_kill(box)
