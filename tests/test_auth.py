@@ -662,3 +662,83 @@ def test_an_unchanged_line_is_not_parsed_again(path, monkeypatch):
     assert parsed == ["m-7"]  # to learn whether its connection must go
     assert daemon.get("new") is not None and daemon.get("m-8") is not None
     assert parsed == ["m-7", "new"]
+
+
+# -- reload by parts: the daemon's loop takes a changed file in a part at a time --------
+
+
+def reload_by_parts(registry: Registry, part_bytes: int) -> tuple[set[str], int]:
+    """reload_part until it is done: what it returns then, and how many calls it took."""
+    calls = 1
+    while (gone := registry.reload_part(part_bytes)) is None:
+        calls += 1
+    return gone, calls
+
+
+@pytest.mark.parametrize("part_bytes", [1, 300, 1 << 20])
+def test_a_reload_by_parts_sees_what_a_whole_reload_sees(path, part_bytes):
+    cli = Registry(path)
+    cli.add_many([{"ident": f"m-{n:02d}", "kind": "module"} for n in range(50)])
+    whole, daemon = Registry(path), Registry(path)
+    ids = [f"m-{n:02d}" for n in range(50)]
+    for r in (whole, daemon):
+        assert all(r.get(i) is not None for i in ids)  # handed out, as to connected cores
+    cli.rotate("m-07")
+    cli.revoke("m-09")
+    cli.add("new", "module")
+    lines = len(path.read_bytes().splitlines()) - 2
+
+    gone, calls = reload_by_parts(daemon, part_bytes)
+    assert gone == whole.reload_if_changed() == {"m-07", "m-09"}
+    # a part per line, a few lines per part, or all at once; the last part's call adopts
+    assert {1: calls == lines, 300: 1 < calls < lines, 1 << 20: calls == 1}[part_bytes]
+    assert [daemon.get(i) for i in [*ids, "new"]] == [whole.get(i) for i in [*ids, "new"]]
+    assert daemon.reload_part(part_bytes) == set()  # one stat when nothing changed
+
+
+def test_lookups_during_a_reload_by_parts_see_the_version_before(path):
+    cli = Registry(path)
+    cli.add("a", "module")
+    daemon = Registry(path)
+    assert daemon.get("a") is not None
+    cli.add_many([{"ident": f"m-{n}", "kind": "module"} for n in range(20)])
+    cli.revoke("a")
+    assert daemon.reload_part(1) is None
+    assert daemon.get("m-3") is None and not daemon.get("a").revoked
+    assert reload_by_parts(daemon, 1)[0] == {"a"}
+    assert daemon.get("m-3") is not None and daemon.get("a").revoked
+
+
+def test_a_write_through_the_instance_cancels_a_reload_under_way(path):
+    cli = Registry(path)
+    cli.add_many([{"ident": f"m-{n}", "kind": "module"} for n in range(10)])
+    daemon = Registry(path)
+    daemon.load()
+    cli.add("late", "module")
+    assert daemon.reload_part(1) is None
+    daemon.add("own", "module")  # it reads the file itself, "late" included
+    assert daemon.reload_part(1) == set()  # nothing under way, nothing changed
+    assert daemon.get("late") is not None and daemon.get("own") is not None
+
+
+def test_a_reload_by_parts_of_a_bad_or_hand_laid_out_file(path):
+    cli = Registry(path)
+    cli.add_many([{"ident": f"m-{n}", "kind": "module"} for n in range(10)])
+    daemon = Registry(path)
+    assert daemon.get("m-1") is not None
+    good = path.read_text()
+
+    path.write_text(good[:-5])  # cut short: not valid JSON, found after the parts
+    with pytest.raises(RegistryError, match="not valid JSON"):
+        reload_by_parts(daemon, 1)
+    assert daemon.reload_part(1) == set()  # said once, not at every poll
+    assert daemon.get("m-1") is not None  # the last good copy
+
+    doc = json.loads(good)
+    doc["identities"]["m-1"]["revoked"] = True
+    path.write_text(json.dumps(doc))  # one line: the whole parser takes it
+    assert reload_by_parts(daemon, 1) == ({"m-1"}, 1)
+
+    cli.add('zz"quote', "module")  # an escaped id, in the last part: the whole parser
+    gone, calls = reload_by_parts(daemon, 1)
+    assert gone == set() and calls == 11 and daemon.get('zz"quote') is not None

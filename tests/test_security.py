@@ -204,6 +204,28 @@ def test_rotate_cuts_the_old_token_and_the_open_connection(daemon):
     assert payloads[0] == b"before" and payloads[-1] == b"after"
 
 
+def test_a_large_import_counts_at_once_and_its_revocations_close_connections(daemon, tmp_path):
+    """The daemon takes a changed registry of thousands of entries in by parts, one per
+    loop iteration; a core of the import that says HELLO at once is welcomed (if the part
+    with its line is not in yet, the rest is taken in then), and a revocation made in the
+    same moment closes the revoked core's open connection."""
+    old = daemon.add_identity("m-0/core-0", "--kind", "core", "--module", "m-0", "--channels", "1")
+    core = connected(daemon, "m-0/core-0", old)
+    fleet = tmp_path / "fleet.csv"
+    fleet.write_text("id,kind,channels\n" + "".join(f"mod-{n:05d},module,1\n" for n in range(3000)))
+    result = cli("identity", "import", str(fleet), data_dir=daemon.data_dir)
+    assert result.returncode == 0, result.stderr.decode()
+    assert (daemon.data_dir / "identities.json").stat().st_size > 4 * 128 * 1024  # parts
+    tokens = {t["id"]: t["token"] for t in map(json.loads, result.stdout.splitlines())}
+    identity(daemon, "revoke", "m-0/core-0")
+    with Client(daemon.host, daemon.port, "mod-02999", tokens["mod-02999"], timeout=WAIT) as new:
+        new.send(1, b"provisioned")
+        new.flush()
+        assert new.rejected == []
+    assert error_code_of(core) == "REVOKED"
+    assert b"provisioned" in stored(daemon)
+
+
 def test_bind_clear_undoes_a_thief_s_first_use_binding(daemon_factory):
     d = daemon_factory("[auth]\ntrust_on_first_use = true\n")
     token = d.add_identity("m-1/core-0", "--kind", "core", "--module", "m-1", "--channels", "1")
