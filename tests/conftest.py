@@ -22,6 +22,9 @@ from benchkit.daemonproc import (  # noqa: E402
     notify_env,
 )
 
+from appliance import app  # noqa: E402
+from appliance.config import load  # noqa: E402
+
 
 def wait_for(condition, timeout: float = 10.0, what: str = "condition", interval: float = 0.002):
     """Poll `condition` until it returns something true (returned) or the deadline passes;
@@ -167,6 +170,21 @@ class Daemon:
             self.proc.wait()
             self.proc = None
         self._close_notify()
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A real Server on a real Store, as the daemon assembles them, not bound: the loop
+    never runs."""
+    config_path = tmp_path / "config.toml"
+    config_path.write_text(
+        "[storage]\nsegment_bytes = 1048576\nring_bytes = 1048576\n[auth]\ndev_identity = false\n"
+    )
+    config = load(config_path, environ={"MODULE_INGEST_DATA_DIR": str(tmp_path / "data")})
+    config.data_dir.mkdir()
+    daemon = app.assemble(config)
+    yield daemon.server
+    daemon.close()
 
 
 @pytest.fixture

@@ -742,3 +742,17 @@ def test_a_reload_by_parts_of_a_bad_or_hand_laid_out_file(path):
     cli.add('zz"quote', "module")  # an escaped id, in the last part: the whole parser
     gone, calls = reload_by_parts(daemon, 1)
     assert gone == set() and calls == 11 and daemon.get('zz"quote') is not None
+
+
+def test_the_loop_takes_a_large_change_in_by_parts_or_whole(server):
+    """The server's side: a part per loop iteration while `reloading`; `whole` (a HELLO
+    from an identity not in yet, the console's refresh) takes in the rest at once."""
+    Registry(server.registry.path).add_many(
+        [{"ident": f"mod-{n:05d}", "kind": "module"} for n in range(3000)]
+    )
+    server._reload_registry()
+    assert server.reloading and server.registry.get("mod-02999") is None
+    server._reload_registry()
+    assert server.reloading  # 3000 entries are several parts
+    server._reload_registry(whole=True)
+    assert not server.reloading and server.registry.get("mod-02999") is not None

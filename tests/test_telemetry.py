@@ -25,7 +25,7 @@ import pytest
 from benchkit.daemonproc import NotifySocket, listen_address, notify_env
 from conftest import ROOT, wait_for
 
-from appliance import __version__, app
+from appliance import __version__
 from appliance.client import Client
 from appliance.config import load
 from appliance.telemetry import endpoint, logs, metrics, stats_cli
@@ -391,21 +391,6 @@ def test_duration_is_hours_minutes_seconds_with_days_in_front():
 
 
 WEIRD = 'we"ird\\id\nnext'
-
-
-@pytest.fixture
-def server(tmp_path):
-    """A real Server on a real Store, as the daemon assembles them, not bound: the loop
-    never runs."""
-    config_path = tmp_path / "config.toml"
-    config_path.write_text(
-        "[storage]\nsegment_bytes = 1048576\nring_bytes = 1048576\n[auth]\ndev_identity = false\n"
-    )
-    config = load(config_path, environ={"MODULE_INGEST_DATA_DIR": str(tmp_path / "data")})
-    config.data_dir.mkdir()
-    daemon = app.assemble(config)
-    yield daemon.server
-    daemon.close()
 
 
 def figures(server) -> metrics.Metrics:
