@@ -1,13 +1,12 @@
 """Reading the log fast, for subscriber processes: the segment mapped once, walked in
 large steps, and a record built only for the frames the table's filters keep.
 
-The store's Cursor builds a Record (a frozen dataclass) for every frame and
-lists the segment directory and maps the file again on every read: about 3 us
-a frame here, which four subscribers pay four times over at the ingest rate.
-This reader walks the same format (store/FORMAT.md) with one struct read and
-one CRC per record, skips frames the filters drop before decoding their
-identity and payload, and hands on `Frame`s, tuples with the attributes of
-`segment.Record`. Anything unusual (a CRC mismatch, an unknown record type, a
+The store's Cursor decodes every frame and lists the segment directory and maps
+the file again on every read: about 3 us a frame here, which four subscribers
+pay four times over at the ingest rate. This reader walks the same format
+(store/FORMAT.md) with one struct read and one CRC per record, skips frames the
+filters drop before decoding their identity and payload, and hands on
+`segment.Record`s. Anything unusual (a CRC mismatch, an unknown record type, a
 missing or damaged segment) is left to the Cursor's own reading, which knows
 how to skip damage and says so: the fast path only ever reads clean records.
 """
@@ -18,7 +17,6 @@ import mmap
 import os
 import zlib
 from pathlib import Path
-from typing import NamedTuple
 
 from appliance.store.cursor import Cursor
 from appliance.store.segment import (
@@ -29,6 +27,7 @@ from appliance.store.segment import (
     SEGMENT_HEADER,
     TYPE_FRAME,
     TYPE_PAD,
+    Record,
     SegmentError,
     check_header,
     list_segments,
@@ -37,20 +36,6 @@ from appliance.store.segment import (
 
 CHUNK = 4 * 1024 * 1024  # bytes of log walked per read at most
 IDS_MAX = 65536  # identity strings kept (bytes -> str), cleared beyond
-
-
-class Frame(NamedTuple):
-    """A frame record, with the attributes of segment.Record (built much faster)."""
-
-    segment: int
-    offset: int
-    identity: str
-    channel: int
-    seq: int
-    ts_ns: int
-    recv_ns: int
-    payload: bytes
-    end: int
 
 
 class LogReader:
@@ -113,8 +98,8 @@ class LogReader:
                             ident = ids[raw] = raw.decode("utf-8", "replace")
                         if identities is None or ident in identities:
                             out.append(
-                                Frame(seg, pos, ident, channel, seq, ts_ns, recv_ns,
-                                      data[id_end:nxt], nxt)
+                                Record(seg, pos, ident, channel, seq, ts_ns, recv_ns,
+                                       data[id_end:nxt], nxt)
                             )  # fmt: skip
                 elif kind != TYPE_PAD:
                     break
