@@ -87,6 +87,7 @@ _Signature = tuple[int, int, int]
 _HEAD = b'{"version": 1, "identities": {\n'
 _TAIL = b"}}\n"
 _SEPARATOR = b",\n"
+_WHOLE = 1 << 62  # the part size that takes in any file at once
 
 
 # id -> (its line, the identity parsed from it): each identity looked up or written
@@ -175,14 +176,12 @@ class Registry:
 
         Changes made through this instance are reported too, so the caller has one
         place to learn which connections to close. If the file became unreadable,
-        raises RegistryError once (see `load`).
+        raises RegistryError once (see `load`). A reload by parts under way is finished
+        (its parts kept), not begun again.
         """
-        if not self._loaded:
-            self.load()
-            return set()
-        if self._stat() != self._signature:
-            self.load()
-        return self._gone()
+        while (gone := self.reload_part(_WHOLE)) is None:
+            pass  # the parts of a reload begun with smaller ones
+        return gone
 
     def reload_part(self, part_bytes: int) -> set[str] | None:
         """`reload_if_changed` for the daemon's loop, which must not stop for a large

@@ -575,7 +575,7 @@ class Server(Gate, Loop):
 
     def _reload_registry(self, whole: bool = False) -> None:
         """Pick up identity changes (one stat when nothing changed), a part of a changed
-        file per loop iteration unless `whole`; close revoked ones."""
+        file per loop iteration, or with `whole` the rest of it now; close revoked ones."""
         registry = self.registry
         try:
             revoked = registry.reload_if_changed() if whole else registry.reload_part(RELOAD_PART)
