@@ -48,7 +48,7 @@ def cmd_serve(args, config) -> int:
 
 def cmd_config_show(args, config) -> int:
     runner.check_subscribers(config)
-    sys.stdout.write(config.to_toml())
+    sys.stdout.write(config.to_toml(secrets=args.secrets))
     return 0
 
 
@@ -297,7 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="configuration")
     csub = p.add_subparsers(dest="config_command", required=True)
-    csub.add_parser("show", help="print the effective config").set_defaults(func=cmd_config_show)
+    show = csub.add_parser("show", help="print the effective config (credentials hidden)")
+    show.add_argument(
+        "--secrets", action="store_true", help="print credentials too (passwords, secret keys)"
+    )
+    show.set_defaults(func=cmd_config_show)
 
     p = sub.add_parser("identity", help="manage identities (users, modules, cores)")
     isub = p.add_subparsers(dest="identity_command", required=True)

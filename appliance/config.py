@@ -145,14 +145,22 @@ class Config:
         self.tls_listen = parse_address(self.tls["listen"])
         self.data_dir = Path(self.storage["data_dir"])
 
-    def to_toml(self) -> str:
+    def to_toml(self, secrets: bool = False) -> str:
+        """The effective configuration as TOML; a credential (SECRET_OPTION) shows as
+        HIDDEN unless `secrets`: the output goes to terminals, tickets and serial logs."""
         lines = [f"# effective configuration (from {self.source})"]
         tables = list(self.values.items())
         tables += [(f"subscribers.{name}", keys) for name, keys in self.subscribers.items()]
+        hidden = []
         for section, keys in tables:
             lines.append(f"\n[{section}]")
             for key, value in keys.items():
+                if not secrets and is_secret(key, value):
+                    hidden.append(f"{section}.{key}")
+                    value = HIDDEN
                 lines.append(f"{key} = {_toml_value(value)}")
+        if hidden:
+            lines.insert(1, f"# hidden: {', '.join(hidden)} (--secrets prints them)")
         return "\n".join(lines) + "\n"
 
 
@@ -325,6 +333,12 @@ def check_table(
 
 # Option names that hold a credential (a "..._file" option names a file instead).
 SECRET_OPTION = re.compile(r"secret|password|token|private_key", re.IGNORECASE)
+HIDDEN = "(hidden)"  # what `config show` prints for one
+
+
+def is_secret(key: str, value: Any) -> bool:
+    """Whether the option `key` holds a credential (set)."""
+    return bool(SECRET_OPTION.search(key)) and not key.endswith("_file") and bool(value)
 
 
 def warn_if_secrets_exposed(path: str | os.PathLike, subscribers: dict[str, dict]) -> None:
@@ -333,7 +347,7 @@ def warn_if_secrets_exposed(path: str | os.PathLike, subscribers: dict[str, dict
         f"subscribers.{name}.{key}"
         for name, table in subscribers.items()
         for key, value in table.items()
-        if SECRET_OPTION.search(key) and not key.endswith("_file") and value
+        if is_secret(key, value)
     ]
     if not names:
         return

@@ -26,16 +26,24 @@ from appliance import app  # noqa: E402
 from appliance.config import load  # noqa: E402
 
 
-def wait_for(condition, timeout: float = 10.0, what: str = "condition", interval: float = 0.002):
+def wait_for(
+    condition,
+    timeout: float = 10.0,
+    what: str = "condition",
+    interval: float = 0.002,
+    explain=None,
+):
     """Poll `condition` until it returns something true (returned) or the deadline passes;
-    a larger `interval` for conditions that cost a process each."""
+    a larger `interval` for conditions that cost a process each. `explain()`, if given,
+    says in the failure what was found instead."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            found = f"; found: {explain()}" if explain is not None else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{found}")
         time.sleep(interval)
 
 

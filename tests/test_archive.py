@@ -673,9 +673,18 @@ def test_end_to_end_through_the_daemon_with_a_kill_9(daemon_factory):
         def caught_up() -> bool:
             return all(archived(d, ch) == len(sent[ch]) for ch in (1, 2))
 
+        def behind() -> str:  # what a failure shows: counts, the subscriber, the log's end
+            counts = {ch: f"{archived(d, ch)} of {len(sent[ch])}" for ch in (1, 2)}
+            status = stats_json(d.data_dir)["subscribers"]["arch"]
+            return f"archived {counts}, subscriber {status}, log:\n{d.log()[-6000:]}"
+
+        # reading the archive back costs ~10 ms: polled gently, so the subscriber (nice 10)
+        # gets the CPU; catching up after a restart waits longer on a loaded machine
+        until_caught_up = {"interval": 0.05, "explain": behind}
+
         send(300)
         client.flush()
-        wait_for(caught_up, what="the archive to catch up")
+        wait_for(caught_up, what="the archive to catch up", **until_caught_up)
         pid = wait_for(lambda: subscriber_pid(d, "arch"), what="the subscriber process")
         # kill it while it takes frames in: between handle, flush and the cursor commit
         before = archived(d, 1)
@@ -687,7 +696,9 @@ def test_end_to_end_through_the_daemon_with_a_kill_9(daemon_factory):
         wait_for(lambda: subscriber_pid(d, "arch") not in (0, pid), what="a restart")
         send(300)
         client.flush()
-        wait_for(caught_up, what="the archive to catch up after the restart")
+        wait_for(
+            caught_up, 30.0, what="the archive to catch up after the restart", **until_caught_up
+        )
         # the archive's own counters reach `stats` through its process's status line
         status = wait_for(
             lambda: (s := stats_json(d.data_dir)["subscribers"]["arch"]).get("written") and s,

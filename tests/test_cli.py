@@ -419,6 +419,25 @@ def test_config_show_output_loads_back_as_the_same_config(tmp_path):
     assert show(run("config", "show", env={"MODULE_INGEST_CONFIG": str(again)})) == first
 
 
+def test_config_show_hides_credentials_unless_asked(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[subscribers.up]\ntype = "cloud"\nbucket = "b"\naccess_key_id = "AKID"\n'
+        'secret_access_key = "s3cr3t-value"\nsession_token = ""\n'
+    )
+    config.chmod(0o600)
+    env = {"MODULE_INGEST_CONFIG": str(config)}
+    shown = run("config", "show", env=env)
+    assert b"s3cr3t-value" not in shown.stdout
+    values = show(shown)["subscribers"]["up"]
+    assert values["secret_access_key"] == "(hidden)"
+    assert values["access_key_id"] == "AKID"  # a name, not a credential
+    assert values["session_token"] == ""  # nothing set: nothing to hide
+    assert "# hidden: subscribers.up.secret_access_key (--secrets prints them)" in ok(shown)
+    full = show(run("config", "show", "--secrets", env=env))["subscribers"]["up"]
+    assert full["secret_access_key"] == "s3cr3t-value"
+
+
 # -- serve ----------------------------------------------------------------------------
 
 
