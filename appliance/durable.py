@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -54,11 +53,17 @@ def write_atomic(
     prepare: Callable[[int], None] | None = None,
 ) -> os.stat_result:
     """Replace `path` with `data` so that a crash leaves either the old file or the new
-    one, never a mix: a new temp file beside it (never through a planted link, `mode`),
-    fsync, rename over `path`, fsync of the directory. `prepare(fd)` may adjust the new
-    file before its fsync. Returns the new file's stat."""
+    one, never a mix: the temp file `.NAME.tmp` beside it (never through a planted link,
+    `mode`), fsync, rename over `path`, fsync of the directory. `prepare(fd)` may adjust
+    the new file before its fsync. Returns the new file's stat.
+
+    Every file written this way has one writer at a time (its owner, or the holder of
+    its lock), so the temp file's name is fixed: one that a crash left behind is taken
+    over by the next write instead of piling up beside the file, crash after crash."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, mode)
     try:
         os.fchmod(fd, mode)
         view = memoryview(data)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import subprocess
+import sys
 
 import pytest
+from conftest import ROOT
 
 from appliance.durable import (
     ChecksumError,
@@ -34,6 +38,34 @@ def test_write_atomic_replaces_a_planted_link_instead_of_writing_through_it(tmp_
     write_atomic(link, b"ours")
     assert victim.read_bytes() == b"precious"
     assert not link.is_symlink() and link.read_bytes() == b"ours"
+
+
+def test_write_atomic_crashes_leave_one_temp_that_the_next_write_takes_over(tmp_path):
+    path = tmp_path / "state"
+    write_atomic(path, b"first")
+    crash = (
+        "import os, signal, sys\n"
+        "from appliance.durable import write_atomic\n"
+        "write_atomic(sys.argv[1], b'torn' * 1000, prepare=lambda fd: os.kill(os.getpid(), 9))\n"
+    )
+    for _ in range(3):  # killed after writing its temp file, before the rename
+        done = subprocess.run([sys.executable, "-c", crash, str(path)], cwd=ROOT, check=False)
+        assert done.returncode == -signal.SIGKILL
+        assert path.read_bytes() == b"first"
+    assert sorted(os.listdir(tmp_path)) == [".state.tmp", "state"]  # one, not three
+    write_atomic(path, b"second")
+    assert path.read_bytes() == b"second"
+    assert os.listdir(tmp_path) == ["state"]
+
+
+def test_write_atomic_refuses_a_link_planted_as_its_temp_file(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / ".state.tmp").symlink_to(victim)
+    with pytest.raises(OSError):
+        write_atomic(tmp_path / "state", b"ours")
+    assert victim.read_bytes() == b"precious"
+    assert not (tmp_path / "state").exists()
 
 
 def test_checked_json_round_trips_and_refuses_any_damage(tmp_path):
