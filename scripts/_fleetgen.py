@@ -129,6 +129,7 @@ class Fleet:
         self.cores = cores
         self.address = opts["address"]
         self.mac = opts["mac"]
+        self.fingerprints = opts["fingerprints"]
         self.channel = opts["channel"]
         self.payload = opts["payload"]
         self.period = opts["period"]
@@ -178,7 +179,10 @@ class Fleet:
             return
         core.sock, core.fd = sock, sock.fileno()
         core.send, core.recv = sock.send, sock.recv
-        core.session = ClientSession(core.ident, core.secret, crypto.random_nonce(), mac=self.mac)
+        fingerprint = f"fp:{core.ident}" if self.fingerprints else ""
+        core.session = ClientSession(
+            core.ident, core.secret, crypto.random_nonce(), fingerprint=fingerprint, mac=self.mac
+        )
         core.state = HANDSHAKE
         core.t_connect, core.t_challenge = now, 0.0
         self.by_fd[core.fd] = core

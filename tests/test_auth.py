@@ -12,7 +12,7 @@ import time
 import pytest
 
 from appliance.auth import registry as registry_module
-from appliance.auth.handshake import authenticate
+from appliance.auth.handshake import bind_first_use, check_hello, to_bind
 from appliance.auth.identity import KINDS, Identity, RegistryError, parse_channels
 from appliance.auth.registry import Registry
 from appliance.protocol import crypto
@@ -22,6 +22,27 @@ SN = "00112233445566778899aabbccddeeff"
 CN = "ffeeddccbbaa99887766554433221100"
 FP = "sha256:f6298bff015cb6c58e55e400b8097684422eb3d3c85edc856cb8d1ba2084878f"
 OTHER_FP = "sha256:" + "0" * 64
+
+
+def authenticate(registry, hello, server_nonce, *, trust_on_first_use=False):
+    """The server's two steps for one HELLO: every check, then the first-use binding."""
+    identity = check_hello(registry, hello, server_nonce)
+    if identity is not None and trust_on_first_use and to_bind(identity, hello):
+        return bind_first_use(registry, [(identity, hello["fingerprint"])])[0]
+    return identity
+
+
+@pytest.fixture
+def writes(monkeypatch) -> list[int]:
+    """The registry's file writes, each as its number of identities (the real write runs)."""
+    done: list[int] = []
+    real_write = Registry._write
+    monkeypatch.setattr(
+        Registry,
+        "_write",
+        lambda self, ids, previous: done.append(len(ids)) or real_write(self, ids, previous),
+    )
+    return done
 
 
 @pytest.fixture
@@ -150,16 +171,19 @@ def test_revoke_unknown_id(registry):
         registry.revoke("nobody")
 
 
-def test_bind_fingerprint_only_once(registry, path):
+def test_bind_first_use_binds_only_identities_without_a_fingerprint(registry, path):
     registry.add("c", "core", module="m")
-    registry.bind_fingerprint("c", FP)
-    registry.bind_fingerprint("c", OTHER_FP)
+    registry.add("d", "core", module="m")
+    registry.bind_first_use({"c": FP})
+    registry.bind_first_use({"c": OTHER_FP, "d": OTHER_FP, "nobody": FP})  # gone: passed over
     assert registry.get("c").fingerprint == FP
-    assert Registry(path).get("c").fingerprint == FP
-    with pytest.raises(RegistryError, match="unknown identity"):
-        registry.bind_fingerprint("nobody", FP)
+    fresh = Registry(path)
+    assert (fresh.get("c").fingerprint, fresh.get("d").fingerprint) == (FP, OTHER_FP)
+    assert fresh.get("nobody") is None
+    registry.add("e", "core", module="m")
     with pytest.raises(RegistryError, match="bad fingerprint"):
-        registry.bind_fingerprint("c", "")
+        registry.bind_first_use({"e": FP, "c": ""})
+    assert Registry(path).get("e").fingerprint is None  # nothing written
 
 
 @pytest.mark.parametrize(
@@ -396,7 +420,7 @@ def test_revoked_id(registry, core):
 
 def test_bound_fingerprint_must_match(registry, core):
     ident, secret = core
-    registry.bind_fingerprint(ident, FP)
+    registry.bind(ident, FP)
     assert authenticate(registry, hello_for(ident, secret, OTHER_FP), SN) is None
     assert authenticate(registry, hello_for(ident, secret, ""), SN) is None
     assert authenticate(registry, hello_for(ident, secret, FP), SN) is not None
@@ -418,6 +442,27 @@ def test_trust_on_first_use_binds_then_refuses_another_fingerprint(registry, pat
     again = hello_for(ident, secret, OTHER_FP)
     assert authenticate(registry, again, SN, trust_on_first_use=True) is None
     assert authenticate(registry, hello_for(ident, secret, FP), SN) is not None
+
+
+def test_first_use_bindings_of_many_hellos_take_one_registry_write(registry, path, writes):
+    tokens = registry.add_many(
+        [{"ident": f"m/core-{n}", "kind": "core", "module": "m"} for n in range(3)]
+    )
+    secrets = {ident: crypto.token_to_secret(token) for ident, token in tokens.items()}
+    wanted = [("m/core-0", FP), ("m/core-1", FP), ("m/core-0", OTHER_FP), ("m/core-2", "a b")]
+    proven = [
+        (check_hello(registry, hello_for(ident, secrets[ident], fp), SN), fp)
+        for ident, fp in wanted
+    ]
+    assert all(identity is not None for identity, _ in proven)  # unbound: any fingerprint
+    writes.clear()
+    bound = bind_first_use(registry, proven)
+    assert writes == [3]  # one write for the whole batch
+    # the first HELLO of an id binds; a second with another fingerprint fails, and so
+    # does an unbindable fingerprint (which binds nothing)
+    assert [b and b.fingerprint for b in bound] == [FP, FP, None, None]
+    fresh = Registry(path)
+    assert [fresh.get(f"m/core-{n}").fingerprint for n in range(3)] == [FP, FP, None]
 
 
 def test_trust_on_first_use_binds_only_after_every_check(registry, core):
@@ -466,14 +511,7 @@ def test_lone_surrogates_fail_instead_of_raising(registry, core):
 # -- add_many --------------------------------------------------------------------
 
 
-def test_add_many_writes_once_and_returns_every_token(registry, path, monkeypatch):
-    writes = []
-    real_write = Registry._write
-    monkeypatch.setattr(
-        Registry,
-        "_write",
-        lambda self, ids, previous: writes.append(len(ids)) or real_write(self, ids, previous),
-    )
+def test_add_many_writes_once_and_returns_every_token(registry, path, writes):
     registry.add("m-1", "module", channels=[1])
     specs = [
         {"ident": f"m-1/core-{n}", "kind": "core", "module": "m-1", "channels": [1, 2]}

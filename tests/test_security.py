@@ -19,6 +19,7 @@ from conftest import cli, wait_for
 from appliance.client import Client, ClientError
 from appliance.config import load as load_config
 from appliance.protocol import crypto
+from appliance.protocol.client_session import ClientSession
 from appliance.protocol.frames import FrameType, encode_frame
 
 WAIT = 10.0
@@ -244,6 +245,51 @@ def test_bind_clear_undoes_a_thief_s_first_use_binding(daemon_factory):
     listed = cli("identity", "list", data_dir=d.data_dir).stdout.splitlines()
     public = [json.loads(line) for line in listed if b"m-1/core-0" in line]
     assert public[0]["fingerprint"] == FP_THIEF and token.encode() not in b"".join(listed)
+
+
+def test_cores_connecting_at_once_are_each_bound_to_their_own_fingerprint(daemon_factory, tmp_path):
+    """A fleet's first boot with trust on first use: the HELLOs the daemon reads in one
+    loop iteration are bound in one registry write (Phase.BINDING), then welcomed; of
+    two HELLOs of one id with different fingerprints, exactly one gets in."""
+    d = daemon_factory("[auth]\ntrust_on_first_use = true\n")
+    rows = tmp_path / "cores.jsonl"
+    ids = [f"m-1/core-{n}" for n in range(40)]
+    rows.write_text(
+        "".join(json.dumps({"id": i, "kind": "core", "module": "m-1", "channels": [1]}) + "\n"
+                for i in ids)
+    )  # fmt: skip
+    imported = cli("identity", "import", str(rows), data_dir=d.data_dir)
+    assert imported.returncode == 0, imported.stderr.decode()
+    tokens = {r["id"]: r["token"] for r in map(json.loads, imported.stdout.splitlines())}
+    wanted = [(ident, f"sha256:{n:064x}") for n, ident in enumerate(ids)]
+    wanted.append((ids[0], "sha256:" + "f" * 64))  # the same id, another device
+    cores = []
+    for ident, fingerprint in wanted:  # every connection past its CHALLENGE first ...
+        sock = socket.create_connection((d.host, d.port), timeout=WAIT)
+        session = ClientSession(
+            ident, crypto.token_to_secret(tokens[ident]), crypto.random_nonce(),
+            fingerprint=fingerprint,
+        )  # fmt: skip
+        while session.server_nonce is None:
+            session.receive_data(sock.recv(4096))
+        cores.append((ident, fingerprint, sock, session))
+    for _, _, sock, session in cores:  # ... then every HELLO at once
+        sock.sendall(session.data_to_send())
+    answers = {}
+    for ident, fingerprint, sock, session in cores:
+        events = []
+        while not events:
+            events = session.receive_data(sock.recv(4096))
+        answers[(ident, fingerprint)] = events[0][0]
+        sock.close()
+    twins = [answers[wanted[0]], answers[wanted[-1]]]
+    assert sorted(twins, key=str) == sorted([FrameType.WELCOME, FrameType.ERROR], key=str)
+    assert all(answers[w] == FrameType.WELCOME for w in wanted[1:-1])
+    exported = cli("identity", "export", "--format", "jsonl", data_dir=d.data_dir)
+    rows = [json.loads(line) for line in exported.stdout.splitlines()]
+    bound = {r["id"]: r["fingerprint"] for r in rows if r["id"] in tokens}
+    winner = wanted[0] if answers[wanted[0]] == FrameType.WELCOME else wanted[-1]
+    assert bound == dict(wanted[1:-1]) | dict([winner])
 
 
 def test_a_revoked_identity_is_restored_with_a_new_token(daemon):

@@ -4,6 +4,10 @@ Every failure looks the same to the caller (None, answered with ERROR
 AUTH_FAILED), and the work done does not depend on which check failed: an
 unknown identity is checked against a dummy secret, and every check runs
 before the verdict, so response times do not tell a prober which ids exist.
+
+Two steps: check_hello writes nothing; with trust on first use the daemon then
+binds the fingerprints of every HELLO it read in one loop iteration together
+(bind_first_use), since each registry write is the whole file.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import hmac
 import logging
 import secrets
 
-from appliance.auth.identity import Identity, RegistryError
+from appliance.auth.identity import Identity, RegistryError, check_fingerprint
 from appliance.auth.registry import Registry
 from appliance.protocol import crypto
 
@@ -24,14 +28,9 @@ _NO_MACS: frozenset[str] = frozenset()
 SENDERS = frozenset({"core", "module"})
 
 
-def authenticate(
-    registry: Registry, hello: dict, server_nonce: str, *, trust_on_first_use: bool = False
-) -> Identity | None:
-    """The identity the HELLO proves, or None if any check fails.
-
-    With `trust_on_first_use`, an identity not yet bound to a fingerprint gets
-    bound to the HELLO's (if non-empty) once every other check has passed.
-    """
+def check_hello(registry: Registry, hello: dict, server_nonce: str) -> Identity | None:
+    """The identity the HELLO proves, or None if any check fails; writes nothing. An
+    identity with no fingerprint bound passes whatever fingerprint the HELLO gives."""
     ident = hello["id"]
     fingerprint = hello["fingerprint"]
     # JSON may carry lone surrogates, which cannot be encoded for the HMAC. No
@@ -56,17 +55,41 @@ def authenticate(
     if not (active & proof_ok & fingerprint_ok & mac_ok):
         return None
     assert identity is not None
-    if bound is None and trust_on_first_use and fingerprint:
-        return _bind(registry, identity, fingerprint)
     return identity
 
 
-def _bind(registry: Registry, identity: Identity, fingerprint: str) -> Identity | None:
+def to_bind(identity: Identity, hello: dict) -> bool:
+    """Whether trust on first use binds the HELLO's fingerprint to this proven identity."""
+    return identity.fingerprint is None and bool(hello["fingerprint"])
+
+
+def bind_first_use(registry: Registry, proven: list[tuple[Identity, str]]) -> list[Identity | None]:
+    """Bind each proven identity to its HELLO's fingerprint, in one registry write; per
+    pair, the identity as bound, or None when it cannot be had (a bad fingerprint, a
+    registry that cannot be written, or the identity changed meanwhile). When two HELLOs
+    of one id give different fingerprints, the first binds and the second fails."""
+    bindings: dict[str, str] = {}
+    for identity, fingerprint in proven:
+        if _bindable(identity.id, fingerprint):
+            bindings.setdefault(identity.id, fingerprint)
     try:
-        registry.bind_fingerprint(identity.id, fingerprint)
+        registry.bind_first_use(bindings)
     except RegistryError as e:
-        log.warning("cannot bind a fingerprint to %s on first use: %s", identity.id, e)
-        return None
+        log.warning("cannot bind fingerprints on first use (%d cores): %s", len(bindings), e)
+        return [None] * len(proven)
+    return [_bound(registry, identity, fingerprint) for identity, fingerprint in proven]
+
+
+def _bindable(ident: str, fingerprint: str) -> bool:
+    try:
+        check_fingerprint(fingerprint)
+    except RegistryError as e:
+        log.warning("cannot bind a fingerprint to %s on first use: %s", ident, e)
+        return False
+    return True
+
+
+def _bound(registry: Registry, identity: Identity, fingerprint: str) -> Identity | None:
     current = registry.get(identity.id)
     # The binding is made under the registry lock from the file, not from our
     # copy: another process may have bound a different fingerprint, revoked the

@@ -354,14 +354,20 @@ class Registry:
         with self._update() as table:
             table.set(dataclasses.replace(_existing(table, ident), fingerprint=fingerprint))
 
-    def bind_fingerprint(self, ident: str, fingerprint: str) -> None:
-        """Bind `fingerprint` to the identity unless one is bound already (trust on first use)."""
-        check_fingerprint(fingerprint)
+    def bind_first_use(self, bindings: dict[str, str]) -> None:
+        """Bind each identity of `bindings` (id -> fingerprint) that has no fingerprint yet
+        (trust on first use): one locked read-modify-write and one file write for them all,
+        since each costs the whole file. Ids that are gone are passed over; the caller
+        reads back what each identity holds now. RegistryError for a bad fingerprint
+        (before anything is written) or a file that cannot be written."""
+        for fingerprint in bindings.values():
+            check_fingerprint(fingerprint)
         with self._update() as table:
-            identity = _existing(table, ident)
-            # Checked under the lock: another process may have bound it since we last read.
-            if identity.fingerprint is None:
-                table.set(dataclasses.replace(identity, fingerprint=fingerprint))
+            for ident, fingerprint in bindings.items():
+                identity = table.get(ident)
+                # Checked under the lock: another process may have bound it since we last read.
+                if identity is not None and identity.fingerprint is None:
+                    table.set(dataclasses.replace(identity, fingerprint=fingerprint))
 
     # -- file ----------------------------------------------------------------
 

@@ -5,11 +5,16 @@ every change against the transition table, so the lifecycle reads in one
 place:
 
     TLS ──► HANDSHAKE ──► WELCOMING ──► OPEN ──► DRAINING ──► CLOSING ──► CLOSED
-     │          │             │           │                      ▲
-     └──────────┴─────────────┴───────────┴──────────────────────┘
+     │          │    │         ▲  │          │                      ▲
+     │          │    └►BINDING─┘  │          │                      │
+     └──────────┴─────────┴───────┴──────────┴──────────────────────┘
 
 - TLS: the TLS handshake runs (TLS listeners only);
 - HANDSHAKE: CHALLENGE sent, waiting for HELLO (the handshake timeout runs);
+- BINDING: HELLO proved, and trust on first use binds its fingerprint: the
+  bindings of every HELLO of one loop iteration are written to the registry
+  together at the iteration's end (one write of the whole file, not one each),
+  then each goes on to WELCOMING or OPEN, or fails;
 - WELCOMING: HELLO accepted; frames of this identity are still being
   committed, and WELCOME (with a durable last_seq) waits for that commit;
 - OPEN: DATA flows, ACKs go out after each commit (the idle timeout runs);
@@ -37,6 +42,7 @@ LINGER = 2.0  # after an ERROR: discard input this long so the peer can read the
 class Phase(Enum):
     TLS = "tls"
     HANDSHAKE = "handshake"
+    BINDING = "binding"
     WELCOMING = "welcoming"
     OPEN = "open"
     DRAINING = "draining"
@@ -46,7 +52,10 @@ class Phase(Enum):
 
 TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.TLS: frozenset({Phase.HANDSHAKE, Phase.CLOSING, Phase.CLOSED}),
-    Phase.HANDSHAKE: frozenset({Phase.WELCOMING, Phase.OPEN, Phase.CLOSING, Phase.CLOSED}),
+    Phase.HANDSHAKE: frozenset(
+        {Phase.BINDING, Phase.WELCOMING, Phase.OPEN, Phase.CLOSING, Phase.CLOSED}
+    ),
+    Phase.BINDING: frozenset({Phase.WELCOMING, Phase.OPEN, Phase.CLOSING, Phase.CLOSED}),
     Phase.WELCOMING: frozenset({Phase.OPEN, Phase.CLOSING, Phase.CLOSED}),
     Phase.OPEN: frozenset({Phase.DRAINING, Phase.CLOSING, Phase.CLOSED}),
     Phase.DRAINING: frozenset({Phase.CLOSING, Phase.CLOSED}),

@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="FRAMES_PER_S",
             help="frames/s of the whole fleet",
         )
+        p.add_argument(
+            "--first-use",
+            action="store_true",
+            help="the daemon trusts on first use and every core sends a fingerprint: the "
+            "handshakes are a fleet's first boot, each core's binding written to the registry",
+        )
 
     p = mode("recovery", recovery.main,
              "fill the store, SIGKILL the daemon mid-stream, time its restart",

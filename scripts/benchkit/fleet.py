@@ -24,7 +24,12 @@ FLEET = Path(__file__).resolve().parent.parent / "fleet"
 SET_UP_S = 300.0  # handshakes and pre-building, at most
 
 
+FIRST_USE = "trust_on_first_use = true\n"  # --first-use: the daemon's [auth]
+
+
 def fleet_command(daemon: Daemon, args: argparse.Namespace, *extra: str) -> list[str]:
+    if args.first_use:
+        extra += ("--fingerprints",)
     return generator_command(FLEET, daemon, args, "--rate", str(args.rate), *extra)
 
 
@@ -81,7 +86,9 @@ def _subscribers(before: dict, after: dict, seconds: float) -> dict:
 
 def fleet(args: argparse.Namespace) -> dict:
     """One run: data dir, daemon, scripts/fleet, stop."""
-    with bench_daemon(args, extra=args.config_extra) as daemon:
+    with bench_daemon(
+        args, extra=args.config_extra, auth=FIRST_USE if args.first_use else ""
+    ) as daemon:
         snaps: dict[str, dict] = {}
 
         def snapshot(word: str) -> None:

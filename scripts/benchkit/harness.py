@@ -83,6 +83,7 @@ class Daemon:
         python: str = DEFAULT_PYTHON,
         storage: str = "",
         extra: str = "",
+        auth: str = "",
     ) -> None:
         self.workdir = workdir
         self.python = python
@@ -93,6 +94,7 @@ class Daemon:
         self.config = workdir / "config.toml"
         self.connections = connections
         self.storage = storage  # extra [storage] lines
+        self.auth = auth  # extra [auth] lines
         self.extra = extra  # more TOML, e.g. [subscribers.NAME] tables (--config-extra)
         self.proc: subprocess.Popen | None = None
         self.address = ""
@@ -124,6 +126,7 @@ class Daemon:
             "max_handshakes_per_source = 1024\n"
             "[auth]\n"
             "dev_identity = false\n"
+            + self.auth
             + (f"[storage]\n{self.storage}" if self.storage else "")
             + self.extra
         )
@@ -211,12 +214,12 @@ def temp_workdir(prog: str, parent: str | None, keep: bool, prefix: str) -> Iter
 
 @contextlib.contextmanager
 def bench_daemon(
-    args: argparse.Namespace, storage: str = "", extra: str | None = None
+    args: argparse.Namespace, storage: str = "", extra: str | None = None, auth: str = ""
 ) -> Iterator[Daemon]:
     """A started daemon with args.connections identities in a temp dir under args.workdir;
     stopped and its dir removed (unless args.keep) however the block ends."""
     with temp_workdir("bench", args.workdir, args.keep, "module-ingest-bench-") as workdir:
-        daemon = Daemon(workdir, args.connections, args.python, storage, extra or "")
+        daemon = Daemon(workdir, args.connections, args.python, storage, extra or "", auth)
         try:
             daemon.prepare()
             daemon.start()

@@ -18,6 +18,7 @@ from appliance.telemetry.figures import percentile
 
 from .errors import BenchError
 from .fleet import (
+    FIRST_USE,
     SET_UP_S,
     behind_text,
     cpu_text,
@@ -62,7 +63,9 @@ def _await(child: LoadChild, daemon: Daemon | None, words: tuple[str, ...], time
 
 def fleet_restart(args: argparse.Namespace) -> dict:
     """One run: stream, SIGKILL, restart, reconnect, check the WAL."""
-    with bench_daemon(args, extra=args.config_extra) as daemon:
+    with bench_daemon(
+        args, extra=args.config_extra, auth=FIRST_USE if args.first_use else ""
+    ) as daemon:
         cmd = fleet_command(daemon, args, "--restart", "--after", str(AFTER_S))
         child = LoadChild(cmd, "fleet", control=True)
         try:
