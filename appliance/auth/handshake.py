@@ -73,7 +73,8 @@ def bind_first_use(registry: Registry, proven: list[tuple[Identity, str]]) -> li
         if _bindable(identity.id, fingerprint):
             bindings.setdefault(identity.id, fingerprint)
     try:
-        registry.bind_first_use(bindings)
+        if bindings:  # none left: not even the locked read of the file
+            registry.bind_first_use(bindings)
     except RegistryError as e:
         log.warning("cannot bind fingerprints on first use (%d cores): %s", len(bindings), e)
         return [None] * len(proven)
