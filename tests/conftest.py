@@ -156,7 +156,8 @@ class Daemon:
         return creds["token"]
 
     def add_identity(self, ident: str, *args: str) -> str:
-        """`identity add` through the CLI (the daemon picks it up live); returns the token."""
+        """`identity add` through the CLI, before the start or live (the daemon picks it up);
+        returns the token."""
         result = cli("identity", "add", ident, *args, data_dir=self.data_dir)
         assert result.returncode == 0, result.stderr.decode()
         return json.loads(result.stdout)["token"]

@@ -597,6 +597,12 @@ class Terminal:
             os.close(self.fd)
             self.fd = -1
 
+    def log_in(self, token: str) -> bytes:
+        """Wait for the token prompt, type the token; what came back up to the prompt."""
+        self.expect(TOKEN_PROMPT)
+        self.send(token.encode() + b"\r")
+        return self.expect(PROMPT)
+
     def run(self, line: str) -> str:
         """Type a command line; return its output (without echo and prompt)."""
         self.send(line.encode() + b"\r")
@@ -711,9 +717,7 @@ def test_garbage_on_the_line_harms_neither_console_nor_daemon(console_factory, p
     daemon = console_factory(slave_name)
     token = daemon.add_identity("alice", "--kind", "user")
     daemon.start()
-    term.expect(TOKEN_PROMPT)
-    term.send(token.encode() + b"\r")
-    term.expect(PROMPT)
+    term.log_in(token)
 
     rng = random.Random(4242)
     term.send(rng.randbytes(10 * 1024))
@@ -737,9 +741,7 @@ def test_idle_logout_over_the_pty(console_factory, pty_pair):
     daemon = console_factory(slave_name, idle_logout=1.0)
     token = daemon.add_identity("bob", "--kind", "user")
     daemon.start()
-    term.expect(TOKEN_PROMPT)
-    term.send(token.encode() + b"\r")
-    term.expect(PROMPT)
+    term.log_in(token)
     started = time.monotonic()
     term.expect(b"\r\nidle logout\r\n" + TOKEN_PROMPT, timeout=30.0)
     assert time.monotonic() - started >= 0.7  # not before the idle time (less a sweep)
@@ -769,9 +771,7 @@ def test_a_hangup_closes_the_port_and_the_daemon_goes_on(console_factory, pty_pa
     daemon = console_factory(slave_name)
     token = daemon.add_identity("alice", "--kind", "user")
     daemon.start()
-    term.expect(TOKEN_PROMPT)
-    term.send(token.encode() + b"\r")
-    term.expect(PROMPT)
+    term.log_in(token)
     term.close()
     wait_for(
         lambda: "alice logged out (line dropped)" in daemon.log(),
@@ -791,9 +791,7 @@ def test_a_terminal_that_does_not_read_costs_bounded_output(console_factory, pty
     daemon = console_factory(slave_name)
     token = daemon.add_identity("alice", "--kind", "user")
     daemon.start()
-    term.expect(TOKEN_PROMPT)
-    term.send(token.encode() + b"\r")
-    term.expect(PROMPT)
+    term.log_in(token)
     help_bytes = len(term.run("help"))
     # type 1000 commands without reading a byte of what comes back
     typed = b"help\r" * 1000

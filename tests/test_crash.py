@@ -73,12 +73,7 @@ def two_cores(daemon_factory):
     """A stopped daemon with a small segment size (so kills also hit rotations) and one more
     core, added before the start so the daemon knows it from its first HELLO."""
     d = daemon_factory("[storage]\nsegment_bytes = 1048576\n", start=False)
-    result = cli(
-        "identity", "add", CORE, "--kind", "core", "--module", "m-1", "--channels", "1-4",
-        data_dir=d.data_dir,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr.decode()
-    token = json.loads(result.stdout)["token"]
+    token = d.add_identity(CORE, "--kind", "core", "--module", "m-1", "--channels", "1-4")
     d.start()
     streamers = [
         Streamer(d, DEV, d.dev_token, list(range(1, 9)), seed=1, timeout=CLIENT_TIMEOUT),

@@ -10,14 +10,13 @@ stored again.
 
 from __future__ import annotations
 
-import json
 import random
 import socket
 import time
 from collections import Counter
 
 import pytest
-from conftest import cli, wait_for
+from conftest import wait_for
 from streaming import Streamer, wait_resumed
 
 from appliance.protocol import crypto
@@ -111,12 +110,7 @@ def two_cores(daemon_factory):
     """A daemon with small segments and a second core (added before the start), and one
     streamer per core, not yet started."""
     d = daemon_factory(CONFIG, start=False)
-    result = cli(
-        "identity", "add", CORE, "--kind", "core", "--module", "m-1", "--channels", "1-4",
-        data_dir=d.data_dir,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr.decode()
-    token = json.loads(result.stdout)["token"]
+    token = d.add_identity(CORE, "--kind", "core", "--module", "m-1", "--channels", "1-4")
     d.start()
     streamers = [
         Streamer(d, DEV, d.dev_token, list(range(1, 9)), seed=SEED + 1, **PACE),
