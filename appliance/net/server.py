@@ -160,13 +160,7 @@ class Server(Gate, Loop):
                     if mask & (EPOLLIN | EPOLL_FAIL) and conn.phase is not Phase.CLOSED:
                         self._on_readable(conn, mask)
                 except Exception:
-                    # a bug must cost one connection, not every core's
-                    log.exception(
-                        "conn %s (%s): internal error; closing",
-                        conn.addr,
-                        printable_ident(conn.identity),
-                    )
-                    self._close(conn)
+                    self._close_on_bug(conn, conn.identity)
                 if monotonic() - now > SLICE:
                     # long reads (a pipelined blast): let the writer start on what gathered,
                     # and hear its replies, before the rest of this iteration's reads
@@ -475,8 +469,13 @@ class Server(Gate, Loop):
                 else:
                     self._admit(conn, identity)
             except Exception:
-                log.exception("conn %s (%s): internal error; closing", conn.addr, proven.id)
-                self._close(conn)
+                self._close_on_bug(conn, proven.id)
+
+    def _close_on_bug(self, conn: Connection, ident: str | None) -> None:
+        """An exception while serving `conn` (a bug): it must cost that connection, not
+        every core's; logged with its traceback."""
+        log.exception("conn %s (%s): internal error; closing", conn.addr, printable_ident(ident))
+        self._close(conn)
 
     def _auth_failed(self, conn: Connection, ident: object) -> None:
         self._log_unproven(
