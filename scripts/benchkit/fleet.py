@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from .harness import Daemon, bench_daemon, stats_snapshot
@@ -25,6 +26,12 @@ SET_UP_S = 300.0  # handshakes and pre-building, at most
 
 
 FIRST_USE = "trust_on_first_use = true\n"  # --first-use: the daemon's [auth]
+
+
+def fleet_daemon(args: argparse.Namespace) -> AbstractContextManager[Daemon]:
+    """bench_daemon for the fleet modes: --config-extra, and with --first-use a daemon
+    that trusts on first use (fleet_command has the cores send fingerprints)."""
+    return bench_daemon(args, extra=args.config_extra, auth=FIRST_USE if args.first_use else "")
 
 
 def fleet_command(daemon: Daemon, args: argparse.Namespace, *extra: str) -> list[str]:
@@ -86,9 +93,7 @@ def _subscribers(before: dict, after: dict, seconds: float) -> dict:
 
 def fleet(args: argparse.Namespace) -> dict:
     """One run: data dir, daemon, scripts/fleet, stop."""
-    with bench_daemon(
-        args, extra=args.config_extra, auth=FIRST_USE if args.first_use else ""
-    ) as daemon:
+    with fleet_daemon(args) as daemon:
         snaps: dict[str, dict] = {}
 
         def snapshot(word: str) -> None:

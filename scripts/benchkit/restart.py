@@ -18,16 +18,16 @@ from appliance.telemetry.figures import percentile
 
 from .errors import BenchError
 from .fleet import (
-    FIRST_USE,
     SET_UP_S,
     behind_text,
     cpu_text,
     fleet_command,
+    fleet_daemon,
     head_text,
     latency_text,
     phase_cpu,
 )
-from .harness import RECOVERED, Daemon, bench_daemon
+from .harness import RECOVERED, Daemon
 from .loadchild import LoadChild, mark
 from .procfs import tcp_counters
 from .report import count_text, emit, quantiles
@@ -63,9 +63,7 @@ def _await(child: LoadChild, daemon: Daemon | None, words: tuple[str, ...], time
 
 def fleet_restart(args: argparse.Namespace) -> dict:
     """One run: stream, SIGKILL, restart, reconnect, check the WAL."""
-    with bench_daemon(
-        args, extra=args.config_extra, auth=FIRST_USE if args.first_use else ""
-    ) as daemon:
+    with fleet_daemon(args) as daemon:
         cmd = fleet_command(daemon, args, "--restart", "--after", str(AFTER_S))
         child = LoadChild(cmd, "fleet", control=True)
         try:
